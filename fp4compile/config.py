@@ -1,0 +1,104 @@
+"""FP4Config: every knob of fp4compile in one frozen dataclass, with named recipes."""
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fp4compile.runtime.formats import get_format
+from fp4compile.runtime.fp8 import get_fp8_dtype
+
+ModuleFilter = Sequence[str] | Callable[[str | None], bool] | None
+
+
+@dataclass(frozen=True)
+class FP4Config:
+    """How fp4compile quantizes the matmuls of a compiled graph. The defaults are the paper's recipe.
+
+    format: FP4 scaling of both GEMM operands along the reduction dim: "vector" (per token for
+        activations, per output channel for weights, FP32 scales), "mxfp4" or "nvfp4" (block formats).
+    dge, dge_k, dge_clip: the differentiable gradient estimator on weights: the weight gradient is
+        multiplied by f'(w / scale) with exponent k, f' clipped to at most dge_clip. False means STE.
+    occ, occ_quantile: outlier clamping at the occ_quantile / 1 - occ_quantile quantiles of each
+        activation operand, with the clamped residual multiplied in high precision.
+    grad_dtype: FP8 dtype of dY in the two backward GEMMs ("float8_e5m2", "float8_e4m3fn"), scaled per
+        row along each GEMM's reduction dim; None keeps dY in its own dtype.
+    backward_operands: "quantized" multiplies dY by the forward's FP4 operands (the paper);
+        "original" by the unquantized operands (a high-precision backward; DGE still applies).
+    include, exclude: which sites to quantize, by module FQN ("model.layers.0.mlp.up_proj"): a
+        sequence of fnmatch patterns, or a callable taking the FQN (None for matmuls outside any
+        submodule) and returning True for a match. include=None matches everything. The default
+        exclude keeps the output head (lm_head) in high precision, as FP8/FP4 training recipes do.
+    quantize_activation_matmuls: also quantize matmuls with no weight operand (attention scores,
+        attention x values), with OCC on both operands if occ is on.
+    dump_dir: write graphs and report.json of every compiled graph under this folder (also set by the
+        FP4COMPILE_DUMP_DIR environment variable).
+    """
+
+    format: str = "vector"
+    dge: bool = True
+    dge_k: float = 5.0
+    dge_clip: float = 3.0
+    occ: bool = True
+    occ_quantile: float = 0.99
+    grad_dtype: str | None = "float8_e5m2"
+    backward_operands: str = "quantized"
+    include: ModuleFilter = None
+    exclude: ModuleFilter = ("lm_head", "*.lm_head")
+    quantize_activation_matmuls: bool = False
+    dump_dir: str | None = None
+
+    def __post_init__(self):
+        get_format(self.format)
+        if self.grad_dtype is not None:
+            get_fp8_dtype(self.grad_dtype)
+        if self.backward_operands not in ("quantized", "original"):
+            raise ValueError(f"backward_operands must be 'quantized' or 'original', got {self.backward_operands!r}")
+        if not self.dge_k > 0:
+            raise ValueError(f"dge_k must be positive, got {self.dge_k}")
+        if not self.dge_clip > 0:
+            raise ValueError(f"dge_clip must be positive, got {self.dge_clip}")
+        if not 0.5 < self.occ_quantile <= 1.0:
+            raise ValueError(f"occ_quantile must be in (0.5, 1], e.g. 0.99, got {self.occ_quantile}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"{name} takes a sequence of patterns; write {name}=({value!r},)")
+            if value is not None and not callable(value):
+                object.__setattr__(self, name, tuple(value))
+
+    @classmethod
+    def from_recipe_name(cls, name: str, **overrides) -> "FP4Config":
+        """A named recipe (see RECIPES), with any field overridden by keyword."""
+        try:
+            recipe = RECIPES[name]
+        except KeyError:
+            raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}") from None
+        return cls(**{**recipe, **overrides})
+
+    def replace(self, **changes) -> "FP4Config":
+        return dataclasses.replace(self, **changes)
+
+    def selects(self, fqn: str | None) -> tuple[bool, str | None]:
+        """Whether a site in module ``fqn`` is quantized, and if not, why."""
+        if self.include is not None and not _matches(self.include, fqn):
+            return False, f"module {fqn!r} not matched by config.include"
+        if self.exclude is not None and _matches(self.exclude, fqn):
+            return False, f"module {fqn!r} matched by config.exclude"
+        return True, None
+
+
+def _matches(filt, fqn: str | None) -> bool:
+    if callable(filt):
+        return bool(filt(fqn))
+    return fqn is not None and any(fnmatch.fnmatchcase(fqn, p) for p in filt)
+
+
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "direct_cast": {"dge": False, "occ": False},
+    "dge": {"occ": False},
+    "occ": {"dge": False},
+    "mxfp4": {"format": "mxfp4"},
+    "nvfp4": {"format": "nvfp4"},
+}

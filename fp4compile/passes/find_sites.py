@@ -1,0 +1,127 @@
+"""Find every matmul of a Dynamo FX graph (torch-level ops, before AOTAutograd).
+
+A site is one matmul node with its two multiplied operands (A, B) named in the order of the twin in
+``runtime/ops.py``, the module it was called from, and the size of its reduction dim.
+"""
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fp4compile.runtime.ops import parse_einsum
+
+FUNCTION_OPS = {
+    torch._C._nn.linear: "linear",
+    torch.nn.functional.linear: "linear",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
+    torch.Tensor.matmul: "matmul",
+    torch.mm: "mm",
+    torch.Tensor.mm: "mm",
+    torch.addmm: "addmm",
+    torch.Tensor.addmm: "addmm",
+    torch.bmm: "bmm",
+    torch.Tensor.bmm: "bmm",
+    torch.baddbmm: "baddbmm",
+    torch.Tensor.baddbmm: "baddbmm",
+    torch.einsum: "einsum",
+    torch.functional.einsum: "einsum",
+}
+METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm"}
+# Positions of (A, B) in each op's arguments.
+OPERAND_POSITIONS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2)}
+
+
+@dataclass
+class Site:
+    node: fx.Node
+    op: str
+    operands: tuple | None = None
+    module: str | None = None
+    reduction: object = None
+    weights: tuple = (None, None)
+    status: str = "fp4"
+    reason: str | None = None
+    notes: list = field(default_factory=list)
+
+    def skip(self, reason: str) -> None:
+        if self.status == "fp4":
+            self.status, self.reason = "skipped", reason
+
+
+_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
+_MODULES = re.compile(r"\._modules\['([^']*)'\]|\._parameters\['([^']*)'\]|\._buffers\['([^']*)'\]")
+
+
+def clean_fqn(path: str) -> str:
+    """Dynamo's source path ("L['self']._modules['fc']", "L['self'].fc") -> the FQN ("fc")."""
+    path = _MODULES.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    return _ROOT.sub("", path).lstrip(".")
+
+
+def module_of(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return clean_fqn(path) or None
+
+
+def _op_of(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        return FUNCTION_OPS.get(node.target)
+    if node.op == "call_method":
+        return METHOD_OPS.get(node.target)
+    return None
+
+
+def _operands(node: fx.Node, op: str):
+    args = node.args
+    if op == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
+        args = (args[0], *args[1])
+    i, j = OPERAND_POSITIONS.get(op, (0, 1))
+    if len(args) <= j or not all(isinstance(args[k], fx.Node) for k in (i, j)):
+        return None
+    return args[i], args[j]
+
+
+def example(node) -> torch.Tensor | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _reduction(site: Site):
+    a, b = (example(n) for n in site.operands)
+    if a is None or b is None:
+        return None
+    if site.op == "einsum":
+        equation = site.node.args[0]
+        contracted = parse_einsum(equation)[3]
+        terms = equation.replace(" ", "").split("->")[0].split(",")[0]
+        size = 1
+        for c in contracted:
+            size = size * a.shape[terms.index(c)]
+        return size
+    return a.shape[-1] if a.dim() else None
+
+
+def find_sites(graph: fx.Graph) -> list[Site]:
+    sites = []
+    for node in graph.nodes:
+        op = _op_of(node)
+        if op is None:
+            continue
+        site = Site(node, op, module=module_of(node))
+        site.operands = _operands(node, op)
+        if site.operands is None:
+            site.skip(f"{op} called with operands that are not graph tensors")
+        else:
+            try:
+                site.reduction = _reduction(site)
+            except ValueError as e:
+                site.skip(str(e))
+        sites.append(site)
+    return sites

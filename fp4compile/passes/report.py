@@ -1,0 +1,110 @@
+"""The per-site report of one compiled graph: report.json and graph dumps, torch's structured trace
+(tlparse shows the artifacts), and a summary table on the ``fp4compile`` logger
+(``TORCH_LOGS=+fp4compile``)."""
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch._logging import trace_structured
+
+from fp4compile.config import FP4Config
+from fp4compile.passes.find_sites import Site, example
+
+log = logging.getLogger("fp4compile")
+_counter = itertools.count()
+
+
+def graph_name() -> str:
+    """A folder name for the graph being compiled: Dynamo's compile id ("0/1" -> "graph_0_1")."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    if compile_id is None:
+        return f"graph_n{next(_counter)}"
+    return "graph_" + re.sub(r"[^0-9A-Za-z]+", "_", str(compile_id)).strip("_")
+
+
+def _size(s):
+    return int(s) if isinstance(s, int) or (isinstance(s, torch.SymInt) and s.node.is_constant()) else str(s)
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def site_record(site: Site) -> dict:
+    tensors = [example(n) for n in site.operands] if site.operands else []
+    return {
+        "node": site.node.name,
+        "op": site.op,
+        "module": site.module,
+        "weights": list(site.weights),
+        "shapes": [[_size(s) for s in t.shape] if t is not None else None for t in tensors],
+        "dtype": str(tensors[0].dtype).removeprefix("torch.") if tensors and tensors[0] is not None else None,
+        "reduction": None if site.reduction is None else _size(site.reduction),
+        "status": site.status,
+        "reason": site.reason,
+    }
+
+
+def build_report(name: str, sites: list[Site], config: FP4Config) -> dict:
+    records = [site_record(s) for s in sites]
+    return {
+        "graph": name,
+        "config": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
+        "summary": {
+            "fp4": sum(r["status"] == "fp4" for r in records),
+            "skipped": sum(r["status"] == "skipped" for r in records),
+        },
+        "sites": records,
+    }
+
+
+def summary_table(report: dict) -> str:
+    rows = [("node", "op", "module", "shapes", "status", "reason")]
+    for r in report["sites"]:
+        shapes = " x ".join(str(s) for s in r["shapes"])
+        rows.append((r["node"], r["op"], str(r["module"]), shapes, r["status"], r["reason"] or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    s = report["summary"]
+    return f"fp4compile {report['graph']}: {s['fp4']} fp4, {s['skipped']} skipped\n" + "\n".join(lines)
+
+
+def dump_dir(config: FP4Config) -> str | None:
+    return config.dump_dir or os.environ.get("FP4COMPILE_DUMP_DIR") or None
+
+
+def emit(report: dict, before: fx.GraphModule | str, after: fx.GraphModule, config: FP4Config) -> None:
+    """Send the report and both graphs to every sink: dump folder, structured trace, logger."""
+    before_code = before if isinstance(before, str) else before.print_readable(print_output=False)
+    after_code = after.print_readable(print_output=False)
+    payload = json.dumps(report, indent=2)
+    folder = dump_dir(config)
+    if folder:
+        out = Path(folder) / report["graph"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "before.py").write_text(before_code)
+        (out / "after.py").write_text(after_code)
+        (out / "report.json").write_text(payload)
+    for name, text, encoding in (
+        ("fp4compile_report", payload, "json"),
+        ("fp4compile_graph_before", before_code, "string"),
+        ("fp4compile_graph_after", after_code, "string"),
+    ):
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda name=name, encoding=encoding: {"name": name, "encoding": encoding},
+            payload_fn=lambda text=text: text,
+        )
+    if report["sites"]:
+        log.info("%s", summary_table(report))

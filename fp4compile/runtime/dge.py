@@ -1,0 +1,32 @@
+"""The differentiable gradient estimator (DGE): a smooth stand-in for FP4 rounding and its derivative.
+
+Both take weights in the scaled domain (w / scale, within [-6, 6]). On the grid interval [a, a + d] that
+holds |w| (d = 0.5 below 2, 1 below 4, 2 up to 6), with u = (|w| - a) / d:
+    f(w)  = sign(w) * (a + d * (1 + sign(2u - 1) * |2u - 1| ** (1 / k)) / 2)
+    f'(w) = min((1 / k) * |2u - 1| ** (1 / k - 1), clip)
+"""
+
+import torch
+
+from fp4compile.runtime.e2m1 import E2M1_MAX, grid_step
+
+
+def _interval(w_scaled: torch.Tensor):
+    mag = w_scaled.float().abs().clamp(max=E2M1_MAX)
+    d = grid_step(mag)
+    # |w| = 6 belongs to the last interval [4, 6], not to an interval starting at 6.
+    a = torch.minimum(torch.floor(mag / d) * d, E2M1_MAX - d)
+    return a, d, (mag - a) / d
+
+
+def dge_smooth(w_scaled: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    """The smooth quantizer f(w) that DGE differentiates."""
+    a, d, u = _interval(w_scaled)
+    t = 2 * u - 1
+    return torch.copysign(a + d * (1 + torch.sign(t) * t.abs() ** (1 / k)) / 2, w_scaled.float())
+
+
+def dge_derivative(w_scaled: torch.Tensor, k: float = 5.0, clip: float = 3.0) -> torch.Tensor:
+    """f'(w), clipped to at most ``clip`` (it is infinite at the middle of each interval)."""
+    _, _, u = _interval(w_scaled)
+    return ((2 * u - 1).abs() ** (1 / k - 1) / k).clamp(max=clip)

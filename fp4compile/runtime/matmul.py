@@ -1,0 +1,103 @@
+"""The FP4 matmul: one autograd function, Y = A @ B^T (+ bias) with A [..., M, K], B [..., N, K].
+
+Forward: both operands quantized along K (OCC first on activation operands, with the clamped residual
+multiplied in high precision). Backward: the straight-through estimator for activations, DGE on the
+gradient of weight operands, and the two gradient GEMMs as ``FP4Config.grad_dtype`` and
+``backward_operands`` say. Every op-specific entry point in ``ops.py`` reduces to this one.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from fp4compile.config import FP4Config
+from fp4compile.runtime.dge import dge_derivative
+from fp4compile.runtime.fp8 import get_fp8_dtype, quantize_fp8_rows
+from fp4compile.runtime.gemm import row_scale_as_columns, scaled_gemm
+from fp4compile.runtime.occ import occ_clamp
+from fp4compile.runtime.quantize import gemm_operand, scaled_domain
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """What one matmul site needs beyond its tensors: the config and which operands are weights."""
+
+    config: FP4Config
+    a_is_weight: bool = False
+    b_is_weight: bool = True
+    out_dtype: torch.dtype | None = None
+
+
+def _quantize(x, is_weight: bool, config: FP4Config):
+    """(values, outer, OCC residual or None) of one operand."""
+    residual = None
+    if config.occ and not is_weight:
+        x, residual = occ_clamp(x, config.occ_quantile)
+    values, outer = gemm_operand(x, config.format)
+    return values, outer, residual
+
+
+def _grad_gemm(grad, other_values, other_outer, grad_dtype):
+    """grad [..., P, R] @ other [..., R, K], with other's per-R scale folded into grad before grad is
+    quantized per row (method.md: folding the scales), so the saved FP4 values are reused as they are."""
+    g = grad.float() * row_scale_as_columns(other_outer)
+    if grad_dtype is None:
+        return scaled_gemm(g, g.new_ones(()), other_values.mT, g.new_ones(()))
+    data, scale = quantize_fp8_rows(g, get_fp8_dtype(grad_dtype))
+    return scaled_gemm(data, scale, other_values.mT, g.new_ones(()))
+
+
+class FP4MatmulNT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, bias, spec: MatmulSpec):
+        cfg = spec.config
+        with torch.autocast(a.device.type, enabled=False):
+            va, oa, ra = _quantize(a, spec.a_is_weight, cfg)
+            vb, ob, rb = _quantize(b, spec.b_is_weight, cfg)
+            y = scaled_gemm(va, oa, vb, ob)
+            if ra is not None:
+                y = y + ra @ b.float().mT
+            if rb is not None:
+                y = y + (va.float() * oa) @ rb.mT
+            if bias is not None:
+                y = y + bias.float()
+        if cfg.backward_operands == "original":
+            va, oa, vb, ob = a.float(), oa.new_ones(()), b.float(), ob.new_ones(())
+        # DGE re-derives a weight's scaled values from the weight itself.
+        a_dge = a if spec.a_is_weight and cfg.dge else None
+        b_dge = b if spec.b_is_weight and cfg.dge else None
+        ctx.save_for_backward(va, oa, vb, ob, ra, rb, a_dge, b_dge)
+        ctx.spec = spec
+        ctx.shapes = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
+        return y.to(spec.out_dtype or a.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        va, oa, vb, ob, ra, rb, a_dge, b_dge = ctx.saved_tensors
+        spec, cfg = ctx.spec, ctx.spec.config
+        a_shape, a_dtype, b_shape, b_dtype, bias_meta = ctx.shapes
+        need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        da = db = dbias = None
+        with torch.autocast(dy.device.type, enabled=False):
+            if need_a:
+                da = _grad_gemm(dy, vb, ob, cfg.grad_dtype)
+                if a_dge is not None:
+                    da = da * dge_derivative(scaled_domain(a_dge, cfg.format), cfg.dge_k, cfg.dge_clip)
+                if rb is not None:
+                    da = da + dy.float() @ rb
+                da = da.sum_to_size(a_shape).to(a_dtype)
+            if need_b:
+                db = _grad_gemm(dy.mT, va, oa, cfg.grad_dtype)
+                if b_dge is not None:
+                    db = db * dge_derivative(scaled_domain(b_dge, cfg.format), cfg.dge_k, cfg.dge_clip)
+                if ra is not None:
+                    db = db + dy.float().mT @ ra
+                db = db.sum_to_size(b_shape).to(b_dtype)
+            if need_bias:
+                dbias = dy.float().sum_to_size(bias_meta[0]).to(bias_meta[1])
+        return da, db, dbias, None
+
+
+def fp4_matmul_nt(a, b, bias=None, spec: MatmulSpec | None = None):
+    """a @ b.mT (+ bias) with FP4 operands; ``spec`` defaults to the paper's recipe with b a weight."""
+    return FP4MatmulNT.apply(a, b, bias, spec or MatmulSpec(FP4Config()))

@@ -1,0 +1,115 @@
+"""FP4 twins of torch's matmul ops: the same signature, computed by ``fp4_matmul_nt``.
+
+The graph pass replaces a matmul node by a call of its twin with the node's own arguments, so a rewritten
+graph reads like the original. Each twin brings its operands to the A [..., M, K] @ B[..., N, K]^T form.
+"""
+
+from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
+
+
+def linear(spec: MatmulSpec, x, weight, bias=None):
+    lead = x.shape[:-1]
+    y = fp4_matmul_nt(x.reshape(-1, x.shape[-1]), weight, bias, spec)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def matmul(spec: MatmulSpec, a, b):
+    if b.dim() == 2 and a.dim() > 2:
+        # A weight-like right operand: one big GEMM over all leading dims.
+        return mm(spec, a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+    return fp4_matmul_nt(a, b.mT, None, spec)
+
+
+def mm(spec: MatmulSpec, a, b):
+    return fp4_matmul_nt(a, b.mT, None, spec)
+
+
+def addmm(spec: MatmulSpec, input, mat1, mat2, *, beta=1, alpha=1):
+    # The pass only rewrites beta == alpha == 1; other values keep the original op.
+    return fp4_matmul_nt(mat1, mat2.mT, input, spec)
+
+
+bmm = mm
+
+
+def baddbmm(spec: MatmulSpec, input, batch1, batch2, *, beta=1, alpha=1):
+    return fp4_matmul_nt(batch1, batch2.mT, input, spec)
+
+
+def parse_einsum(equation: str):
+    """Split a two-operand einsum into (batch, a_free, b_free, contracted, out) index strings, or raise
+    ValueError naming what this rewrite does not handle."""
+    eq = equation.replace(" ", "")
+    if "..." in eq:
+        raise ValueError("einsum with '...' is not rewritten")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        raise ValueError(f"einsum with {len(terms)} operands (only 2-operand contractions are rewritten)")
+    a, b = terms
+    if "->" not in eq:
+        out = "".join(sorted(c for c in a + b if (a + b).count(c) == 1))
+    if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out):
+        raise ValueError("einsum with a repeated index in one term (a diagonal) is not rewritten")
+    contracted = "".join(c for c in a if c in b and c not in out)
+    if not contracted:
+        raise ValueError("einsum contracts no index (an outer product)")
+    if any(c not in out and c not in contracted for c in a + b):
+        raise ValueError("einsum sums an index of only one operand")
+    batch = "".join(c for c in a if c in b and c in out)
+    a_free = "".join(c for c in a if c not in b)
+    b_free = "".join(c for c in b if c not in a)
+    return batch, a_free, b_free, contracted, out
+
+
+def einsum(spec: MatmulSpec, equation, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    a, b = operands
+    batch, a_free, b_free, contracted, out = parse_einsum(equation)
+    a_terms, b_terms = equation.replace(" ", "").partition("->")[0].split(",")
+    size = {c: a.shape[a_terms.index(c)] for c in a_terms} | {c: b.shape[b_terms.index(c)] for c in b_terms}
+
+    def canonical(x, terms, free):
+        order = [terms.index(c) for c in batch + free + contracted]
+        shape = [size[c] for c in batch] + [_prod(size[c] for c in free), _prod(size[c] for c in contracted)]
+        return x.permute(order).reshape(shape)
+
+    y = fp4_matmul_nt(canonical(a, a_terms, a_free), canonical(b, b_terms, b_free), None, spec)
+    y = y.reshape([size[c] for c in batch + a_free + b_free])
+    return y.permute([(batch + a_free + b_free).index(c) for c in out])
+
+
+def _prod(sizes):
+    p = 1
+    for s in sizes:
+        p = p * s
+    return p
+
+
+TWINS = {
+    "linear": linear,
+    "matmul": matmul,
+    "mm": mm,
+    "addmm": addmm,
+    "bmm": bmm,
+    "baddbmm": baddbmm,
+    "einsum": einsum,
+}
+
+
+class FP4Site:
+    """The callable a rewritten graph node targets: ``op``'s twin bound to this site's spec."""
+
+    def __init__(self, op: str, spec: MatmulSpec):
+        self.op = op
+        self.spec = spec
+        self.__name__ = self.__qualname__ = f"fp4_{op}"
+        self.__module__ = "fp4compile"
+
+    def __call__(self, *args, **kwargs):
+        return TWINS[self.op](self.spec, *args, **kwargs)
+
+    def __repr__(self):
+        return f"FP4Site({self.op!r}, {self.spec!r})"
+

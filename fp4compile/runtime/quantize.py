@@ -1,0 +1,202 @@
+"""The reference FP4 quantizer: scales per format, rounding to E2M1, and the QuantizedTensor it returns.
+
+This is the ground truth every kernel is tested against. It is written in plain torch ops, so it runs on
+any device and Inductor fuses it into the code around a matmul.
+
+Special values: a NaN or +-inf anywhere in a scaling group makes that group's scale NaN, so the whole
+group dequantizes to NaN (the OCP MX convention: a NaN shared scale). An all-zero group gets scale 0 and
+dequantizes to exact zeros (never NaN). Empty tensors give empty results.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from fp4compile.runtime import e2m1
+from fp4compile.runtime.formats import E4M3_MAX, Format, check_input, get_format
+
+_E8M0_BIAS = 127
+_E2M1_EMAX = 2  # exponent of E2M1's largest binade: 6 = 1.5 * 2**2
+
+
+def _blocked(x: torch.Tensor, fmt: Format, dim: int) -> torch.Tensor:
+    """x in float32 with ``dim`` moved last and cut into groups: [..., groups, group_size]."""
+    x = x.float().movedim(dim, -1) if x.dim() else x.float().reshape(1)
+    if fmt.name == "tensor":
+        return x.reshape(1, -1)
+    block = fmt.block_size or x.shape[-1]
+    return x.unflatten(-1, (x.shape[-1] // block if block else 1, block))
+
+
+def _amax(xb: torch.Tensor, dims) -> torch.Tensor:
+    if xb.numel() == 0:
+        return xb.new_zeros([1 if d in dims or d - xb.dim() in dims else s for d, s in enumerate(xb.shape)])
+    return xb.abs().amax(dim=dims, keepdim=True)
+
+
+def _poison(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """NaN scale for groups that hold a NaN or an inf, so those groups dequantize to NaN."""
+    return torch.where(torch.isfinite(amax), scale, torch.nan)
+
+
+def _scales(xb: torch.Tensor, fmt: Format):
+    """Per-group scales for blocked ``xb``: (effective FP32 scale, stored scale, FP32 tensor scale or None)."""
+    amax = _amax(xb, (-1,))
+    if fmt.name in ("tensor", "vector"):
+        scale = _poison(amax / e2m1.E2M1_MAX, amax)
+        return scale, scale, None
+    if fmt.name == "mxfp4":
+        # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax(E2M1), clamped to E8M0's range.
+        _, exp = torch.frexp(amax)
+        shared = (exp - 1 - _E2M1_EMAX).clamp(-_E8M0_BIAS, _E8M0_BIAS)
+        shared = torch.where(amax > 0, shared, -_E8M0_BIAS)
+        scale = _poison(torch.exp2(shared.float()), amax)
+        stored = torch.where(torch.isfinite(amax), shared + _E8M0_BIAS, 255).to(torch.uint8)
+        return scale, stored, None
+    # nvfp4: an FP32 tensor scale maps the tensor's amax onto E4M3's range of block scales.
+    tensor_amax = _amax(xb, (-2, -1)).amax() if xb.numel() else xb.new_zeros(())
+    tensor_scale = _poison(tensor_amax / (e2m1.E2M1_MAX * E4M3_MAX), tensor_amax)
+    safe_ts = torch.where(tensor_scale == 0, 1.0, tensor_scale)
+    block_scale = (amax / e2m1.E2M1_MAX / safe_ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scale = _poison(block_scale.float() * tensor_scale, amax)
+    return scale, block_scale, tensor_scale
+
+
+def _round(scaled: torch.Tensor, rounding: str, generator) -> torch.Tensor:
+    if rounding == "nearest":
+        return e2m1.round_to_e2m1(scaled)
+    if rounding == "stochastic":
+        return e2m1.stochastic_round_to_e2m1(scaled, generator)
+    raise ValueError(f"unknown rounding {rounding!r}; use 'nearest' or 'stochastic'")
+
+
+def quantize_blocked(xb: torch.Tensor, fmt: Format, rounding: str = "nearest", generator=None):
+    """Quantize blocked ``xb`` ([..., groups, size], float32): (E2M1 values, effective scale, stored, tensor scale)."""
+    scale, stored, tensor_scale = _scales(xb, fmt)
+    # A zero scale only comes with an all-zero group (or an NVFP4 block below E4M3's range): divide by inf
+    # so that every value of the group rounds to 0 instead of NaN.
+    values = _round(xb / torch.where(scale == 0, torch.inf, scale), rounding, generator)
+    return values, scale, stored, tensor_scale
+
+
+def _unblocked(xb: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+    """Inverse of :func:`_blocked` for a tensor of the original ``shape``."""
+    if len(shape) == 0:
+        return xb.reshape(())
+    moved = list(shape)
+    moved.append(moved.pop(dim))
+    return xb.reshape(moved).movedim(-1, dim)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """An FP4 tensor: E2M1 values (held exactly in ``float8_e4m3fn``, one per byte) and their scales.
+
+    ``scales`` has the shape of the original tensor with ``dim`` replaced by the number of groups along it
+    (1 for "vector"; all ones for "tensor"), in the format's scale dtype: float32, E8M0 as uint8 (exponent
+    + 127, 255 = NaN), or float8_e4m3fn for NVFP4, whose FP32 per-tensor scale is ``tensor_scale``.
+    """
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    format: str
+    dim: int
+    dtype: torch.dtype
+    tensor_scale: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The 4-bit E2M1 codes, one per uint8 (sign in bit 3)."""
+        return e2m1.encode_e2m1(self.data.float())
+
+    def packed(self) -> torch.Tensor:
+        """Codes packed two per byte along ``dim`` (low nibble first); its size along ``dim`` halves."""
+        return e2m1.pack_e2m1(self.codes.movedim(self.dim, -1)).movedim(-1, self.dim)
+
+    def scale_float(self) -> torch.Tensor:
+        """The effective FP32 scale of each group, shaped like ``scales``."""
+        if self.format == "mxfp4":
+            exp = self.scales.float() - _E8M0_BIAS
+            return torch.where(self.scales == 255, torch.nan, torch.exp2(exp))
+        if self.format == "nvfp4":
+            return self.scales.float() * self.tensor_scale
+        return self.scales
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Values times scales, in ``dtype`` (default: the dtype the tensor was quantized from)."""
+        scale = self.scale_float()
+        groups = scale.shape[self.dim] if self.data.dim() else 1
+        size = self.data.shape[self.dim] // groups if self.data.dim() and groups else 1
+        out = self.data.float() * scale.repeat_interleave(size, dim=self.dim) if self.data.dim() else (
+            self.data.float() * scale.reshape(())
+        )
+        return out.to(dtype or self.dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    format: str = "vector",
+    dim: int = -1,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> QuantizedTensor:
+    """Quantize ``x`` to FP4 in ``format`` ("tensor", "vector", "mxfp4", "nvfp4") with scaling groups
+    along ``dim`` (the GEMM's reduction dim). ``rounding`` is "nearest" (ties to even) or "stochastic"
+    (unbiased; draws from ``generator``)."""
+    fmt = get_format(format)
+    dim = check_input(x, fmt, dim)
+    values, _, stored, tensor_scale = quantize_blocked(_blocked(x, fmt, dim), fmt, rounding, generator)
+    data = _unblocked(values, x.shape, dim).to(torch.float8_e4m3fn)
+    if fmt.name == "tensor":
+        scales = stored.reshape([1] * x.dim())
+    else:
+        scales = _unblocked(stored, x.shape[:dim] + (stored.shape[-2],) + x.shape[dim + 1 :], dim)
+    return QuantizedTensor(data, scales, fmt.name, dim, x.dtype, tensor_scale)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    format: str = "vector",
+    dim: int = -1,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Quantize to FP4 and dequantize again: the values an FP4 GEMM sees, in ``x``'s dtype."""
+    fmt = get_format(format)
+    dim = check_input(x, fmt, dim)
+    values, scale, _, _ = quantize_blocked(_blocked(x, fmt, dim), fmt, rounding, generator)
+    return _unblocked(values * scale, x.shape, dim).to(x.dtype)
+
+
+def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", generator=None):
+    """Quantize ``x`` along its last dim (the GEMM's reduction dim) for an FP4 GEMM.
+
+    Returns (values, outer): ``values`` shaped like ``x`` hold the E2M1 values times any block scales,
+    and ``outer`` is the FP32 scale left over, constant along the reduction dim: [..., 1] per row for
+    "vector", 0-d for "tensor" and "nvfp4" (its tensor scale), 1 for "mxfp4". For "vector" and "tensor"
+    the values are plain E2M1 values, stored exactly in float8_e4m3fn (one byte each, ready for FP8
+    tensor cores); for the block formats they are float32 (exact in bfloat16 too). Either way a GEMM
+    with FP32 accumulation multiplies them exactly, and fake_quantize(x) == values * outer.
+    """
+    fmt = get_format(format)
+    check_input(x, fmt, -1)
+    xb = _blocked(x, fmt, max(x.dim() - 1, 0))
+    values, scale, stored, tensor_scale = quantize_blocked(xb, fmt, rounding, generator)
+    if fmt.name in ("vector", "tensor"):
+        outer = scale.squeeze(-1) if fmt.name == "vector" else scale.reshape(())
+        return values.reshape(x.shape).to(torch.float8_e4m3fn), outer
+    inner = stored.float() if fmt.name == "nvfp4" else scale
+    outer = tensor_scale if fmt.name == "nvfp4" else x.new_ones((), dtype=torch.float32)
+    return (values * inner).reshape(x.shape), outer
+
+
+def scaled_domain(x: torch.Tensor, format: str) -> torch.Tensor:
+    """``x`` divided by its scales along the last dim, before rounding: the [-6, 6] domain DGE works in."""
+    fmt = get_format(format)
+    xb = _blocked(x, fmt, max(x.dim() - 1, 0))
+    scale, _, _ = _scales(xb, fmt)
+    return (xb / torch.where(scale == 0, torch.inf, scale)).reshape(x.shape)
