@@ -1,19 +1,29 @@
 """The ``fp4`` torch.compile backend: the FP4 pass on Dynamo's graph, then Inductor."""
 
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 from torch._inductor.compile_fx import compile_fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
 
 
-def backend(config: FP4Config | None = None):
-    """A torch.compile backend that quantizes matmuls as ``config`` says (default: the paper's recipe)."""
+INNER_COMPILERS = ("inductor", "aot_eager")
+
+
+def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
+    """A torch.compile backend that quantizes matmuls as ``config`` says (default: the paper's recipe).
+
+    ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code), or "aot_eager"
+    (AOTAutograd with eager kernels: the same numerics without Inductor, for debugging)."""
     config = config or FP4Config()
+    if inner not in INNER_COMPILERS:
+        raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
+    compile_inner = compile_fx if inner == "inductor" else lookup_backend("aot_eager")
 
     def fp4_backend(gm: torch.fx.GraphModule, example_inputs):
         fp4_pass(gm, example_inputs, config)
-        return compile_fx(gm, example_inputs)
+        return compile_inner(gm, example_inputs)
 
     fp4_backend.config = config
     return fp4_backend
@@ -23,7 +33,7 @@ def backend(config: FP4Config | None = None):
 fp4_backend = backend()
 
 
-def compile(model_or_fn=None, config: FP4Config | None = None, **torch_compile_kwargs):
+def compile(model_or_fn=None, config: FP4Config | str | None = None, **torch_compile_kwargs):
     """``torch.compile`` with the fp4 backend; ``config`` may also be a recipe name ("paper", ...)."""
     if isinstance(config, str):
         config = FP4Config.from_recipe_name(config)

@@ -30,7 +30,11 @@ def graph_name() -> str:
 
 
 def _size(s):
-    return int(s) if isinstance(s, int) or (isinstance(s, torch.SymInt) and s.node.is_constant()) else str(s)
+    """An int for a static size, the sympy expression as text for a symbolic one."""
+    if isinstance(s, torch.SymInt):
+        value = s.node.maybe_as_int()
+        return str(s) if value is None else value
+    return int(s)
 
 
 def _jsonable(value):
@@ -70,10 +74,11 @@ def build_report(name: str, sites: list[Site], config: FP4Config) -> dict:
 
 
 def summary_table(report: dict) -> str:
-    rows = [("node", "op", "module", "shapes", "status", "reason")]
+    rows = [("node", "op", "module", "shapes", "weight", "status", "reason")]
     for r in report["sites"]:
         shapes = " x ".join(str(s) for s in r["shapes"])
-        rows.append((r["node"], r["op"], str(r["module"]), shapes, r["status"], r["reason"] or ""))
+        weight = ",".join(side for side, w in zip("AB", r["weights"]) if w) or "-"
+        rows.append((r["node"], r["op"], str(r["module"]), shapes, weight, r["status"], r["reason"] or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     s = report["summary"]
