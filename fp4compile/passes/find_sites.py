@@ -115,13 +115,15 @@ def find_sites(graph: fx.Graph) -> list[Site]:
         if op is None:
             continue
         site = Site(node, op, module=module_of(node))
-        site.operands = _operands(node, op)
-        if site.operands is None:
-            site.skip(f"{op} called with operands that are not graph tensors")
-        else:
-            try:
-                site.reduction = _reduction(site)
-            except ValueError as e:
-                site.skip(str(e))
         sites.append(site)
+        try:
+            if op == "einsum":
+                parse_einsum(node.args[0])
+            site.operands = _operands(node, op)
+            if site.operands is None:
+                site.skip(f"{op} called with operands that are not graph tensors")
+            else:
+                site.reduction = _reduction(site)
+        except ValueError as e:
+            site.skip(str(e))
     return sites

@@ -6,7 +6,7 @@ upper one is the ceil(alpha * n)-th smallest value, the lower one its mirror fro
 the matmul multiplies it with the other operand in high precision.
 """
 
-import math
+from fractions import Fraction
 
 import torch
 
@@ -17,7 +17,10 @@ def occ_thresholds(x: torch.Tensor, quantile: float):
         raise ValueError(f"occ_quantile must be in (0.5, 1], got {quantile}")
     flat = x.reshape(-1)
     n = flat.numel()
-    k = max(min(math.ceil(quantile * n), n), 1)
+    # ceil(quantile * n) in integer arithmetic, so a symbolic n stays symbolic (no guard, no recompile);
+    # 0.5 < quantile <= 1 keeps k within [1, n].
+    q = Fraction(quantile).limit_denominator(1 << 20)
+    k = (n * q.numerator + q.denominator - 1) // q.denominator
     upper = torch.kthvalue(flat, k).values
     lower = torch.kthvalue(flat, n - k + 1).values
     return lower, upper

@@ -1,0 +1,216 @@
+"""The backend as users meet it: registration, configs, dumps and logs, train_step, guard rails."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import rewritten
+
+import fp4compile
+from fp4compile import FP4Config
+
+
+def _mlp(d_in=64):
+    return nn.Sequential(nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, 32))
+
+
+class CountingBackend:
+    """The fp4 backend (on aot_eager, numerics without Inductor's compile time), counting its graphs."""
+
+    def __init__(self, config=None):
+        self.inner = fp4compile.backend(config, inner="aot_eager")
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.inner(gm, example_inputs)
+
+
+def test_backend_string_is_registered_by_entry_point():
+    assert "fp4" in torch._dynamo.list_backends()
+    assert torch._dynamo.lookup_backend("fp4") is fp4compile.backend.__globals__["fp4_backend"]
+
+
+def test_recipes_and_config_errors():
+    assert FP4Config.from_recipe_name("direct_cast") == FP4Config(dge=False, occ=False)
+    assert FP4Config.from_recipe_name("paper", occ_quantile=0.999).occ_quantile == 0.999
+    with pytest.raises(ValueError, match="choose one of"):
+        FP4Config.from_recipe_name("fp5")
+    with pytest.raises(ValueError, match="unknown FP4 format 'fp5'"):
+        FP4Config(format="fp5")
+    with pytest.raises(ValueError, match="occ_quantile must be in"):
+        FP4Config(occ_quantile=0.3)
+    with pytest.raises(ValueError, match="float8_e5m2"):
+        FP4Config(grad_dtype="int8")
+    with pytest.raises(TypeError, match=r"exclude=\('lm_head',\)"):
+        FP4Config(exclude="lm_head")
+    with pytest.raises(TypeError, match="sets the backend itself"):
+        fp4compile.compile(_mlp(), backend="inductor")
+    with pytest.raises(ValueError, match="inner must be one of"):
+        fp4compile.backend(inner="eager")
+
+
+def test_include_exclude_filters():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    x = torch.randn(4, 64)
+    report, _ = rewritten(model, x, config=FP4Config(include=("1",), exclude=()))
+    assert [s["status"] for s in report["sites"]] == ["skipped", "fp4"]
+    assert "not matched by config.include" in report["sites"][0]["reason"]
+    report, _ = rewritten(model, x, config=FP4Config(exclude=lambda fqn: fqn == "0"))
+    assert [s["status"] for s in report["sites"]] == ["skipped", "fp4"]
+
+
+def test_unsupported_sites_keep_the_original_op_with_a_reason():
+    def fn(x, y, w):
+        return torch.addmm(x, y, w, beta=0.5), y @ w[:, 0], (y.long() @ w.long())
+
+    report, code = rewritten(fn, torch.randn(4, 4), torch.randn(4, 8), torch.randn(8, 4))
+    reasons = [s["reason"] for s in report["sites"]]
+    assert "beta=0.5" in reasons[0]
+    assert "1-D operand" in reasons[1]
+    assert "torch.int64 operands" in reasons[2]
+    assert "fp4compile" not in code
+
+
+def test_einsum_forms():
+    w = nn.Parameter(torch.randn(16, 32))
+    def fn(x):
+        sq = x[:, :, :16]
+        return torch.einsum("btd,fd->btf", x, w), torch.einsum("bii,bj->bj", sq, sq[:, 0]), torch.einsum("bii->b", sq)
+
+    report, _ = rewritten(fn, torch.randn(2, 16, 32))
+    assert [s["status"] for s in report["sites"]] == ["fp4", "skipped", "skipped"]
+    assert "repeated index" in report["sites"][1]["reason"]
+    assert "einsum with 1 operands" in report["sites"][2]["reason"]
+    x = torch.randn(2, 16, 32)
+    y = fp4compile.compile(fn, config=FP4Config(occ=False))(x)[0]
+    ref = torch.einsum("btd,fd->btf", fp4compile.fake_quantize(x), fp4compile.fake_quantize(w.detach()))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dumps_report_and_structured_trace(tmp_path, monkeypatch):
+    artifacts = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            artifacts.append(record.metadata.get("artifact", {}).get("name"))
+
+    trace_log = torch._logging._internal.trace_log
+    handler = Capture()
+    monkeypatch.setattr(trace_log, "handlers", [handler])
+    monkeypatch.setattr(trace_log, "level", logging.DEBUG)
+    model = _mlp()
+    compiled = torch.compile(model, backend=CountingBackend(FP4Config(dump_dir=str(tmp_path))))
+    compiled(torch.randn(4, 64)).sum().backward()
+    (graph_dir,) = tmp_path.iterdir()
+    assert {p.name for p in graph_dir.iterdir()} == {"before.py", "after.py", "report.json"}
+    report = json.loads((graph_dir / "report.json").read_text())
+    assert [s["status"] for s in report["sites"]] == ["fp4", "fp4"]
+    site = report["sites"][0]
+    assert {"op", "module", "shapes", "status", "reason"} <= set(site)
+    assert site["module"] == "0" and site["shapes"] == [[4, 64], [64, 64]] and site["reason"] is None
+    assert "fp4compile_fp4_linear" in (graph_dir / "after.py").read_text()
+    assert "fp4compile" not in (graph_dir / "before.py").read_text()
+    assert {"fp4compile_report", "fp4compile_graph_before", "fp4compile_graph_after"} <= set(artifacts)
+
+
+def test_torch_logs_prints_the_site_table(tmp_path):
+    script = textwrap.dedent(
+        """
+        import torch
+        m = torch.nn.Linear(64, 32)
+        torch.compile(m, backend="fp4")(torch.randn(4, 64))
+        """
+    )
+    env = {"TORCH_LOGS": "+fp4compile", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "fp4compile graph_0_0: 1 fp4, 0 skipped" in out.stderr
+    assert "[4, 64] x [32, 64]" in out.stderr
+
+
+def test_train_step_decorator_bare_and_configured():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(16, 64), torch.randn(16, 32)
+
+    def step(x, target):
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    bare = fp4compile.train_step(step)
+    configured = fp4compile.train_step(config="direct_cast")(step)
+    losses = [bare(x, target).item() for _ in range(3)] + [configured(x, target).item() for _ in range(3)]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert bare.__name__ == "step"
+
+
+def test_inference_no_grad_and_inference_mode():
+    model = _mlp()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        y1 = compiled(x)
+    with torch.inference_mode():
+        y2 = compiled(x)
+    assert not y1.requires_grad and torch.equal(y1, y2)
+    torch.testing.assert_close(y1, compiled(x).detach())
+
+
+def test_dynamic_shapes_do_not_recompile_and_stay_exact():
+    model = _mlp()
+    backend = CountingBackend(FP4Config(occ=False))
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for tokens in (8, 24, 40, 56):
+        x = torch.randn(tokens, 64)
+        compiled(x).sum().backward()
+        h = torch.relu(fp4compile.fake_quantize(x) @ fp4compile.fake_quantize(model[0].weight.detach()).T + model[0].bias)
+        ref = fp4compile.fake_quantize(h) @ fp4compile.fake_quantize(model[2].weight.detach()).T + model[2].bias
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
+    assert backend.graphs == 1
+    # OCC's quantile rank stays symbolic too.
+    backend = CountingBackend(FP4Config())
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for tokens in (8, 24, 40):
+        compiled(torch.randn(tokens, 64)).sum().backward()
+    assert backend.graphs == 1
+
+
+def test_symbolic_reduction_dim_is_guarded_for_block_formats():
+    backend = CountingBackend(FP4Config(format="mxfp4", quantize_activation_matmuls=True))
+    compiled = torch.compile(lambda a, b: a @ b, backend=backend, dynamic=True)
+    for k in (64, 128, 40, 48):
+        compiled(torch.randn(8, k), torch.randn(k, 8))
+    # One graph for K % 32 == 0 (quantized), one for the rest (kept in high precision): bounded recompiles.
+    assert backend.graphs == 2
+
+
+def test_graph_breaks_and_training_steps_do_not_recompile():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(h)
+
+    model = Net()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(4):
+        compiled(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert backend.graphs == 2
