@@ -2,7 +2,7 @@
 
 import functools
 
-from fp4compile.backend import compile
+from fp4compile.dynamo_backend import compile
 from fp4compile.config import FP4Config
 
 

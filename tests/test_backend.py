@@ -13,6 +13,7 @@ from conftest import rewritten
 
 import fp4compile
 from fp4compile import FP4Config
+from fp4compile.dynamo_backend import fp4_backend
 
 
 def _mlp(d_in=64):
@@ -33,7 +34,7 @@ class CountingBackend:
 
 def test_backend_string_is_registered_by_entry_point():
     assert "fp4" in torch._dynamo.list_backends()
-    assert torch._dynamo.lookup_backend("fp4") is fp4compile.backend.__globals__["fp4_backend"]
+    assert torch._dynamo.lookup_backend("fp4") is fp4_backend
 
 
 def test_recipes_and_config_errors():
