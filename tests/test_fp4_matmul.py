@@ -148,3 +148,16 @@ def test_autocast_keeps_the_output_dtype_of_the_original_op():
         y = compiled(torch.randn(8, 64))
         ref = model(torch.randn(8, 64))
     assert y.dtype == ref.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["vector", "tensor", "mxfp4", "nvfp4"])
+def test_inductor_quantized_operands_are_bit_exact(fmt):
+    """Inductor's generated quantizer gives the reference's bytes and scales (no reciprocal rewrites)."""
+    from fp4compile.runtime.quantize import gemm_operand
+
+    x = torch.randn(256, 128) * torch.rand(256, 1) * 10
+    x[0, :4] = torch.tensor([0.25, 0.75, 2.5, 5.0]) * (x[0].abs().max() / 6)  # near E2M1 ties
+    eager = gemm_operand(x, fmt)
+    compiled = torch.compile(gemm_operand)(x, fmt)
+    for got, want in zip(compiled, eager):
+        assert got.dtype == want.dtype and torch.equal(got.float(), want.float())
