@@ -21,6 +21,8 @@ class FP4Config:
         multiplied by f'(w / scale) with exponent k, f' clipped to at most dge_clip. False means STE.
     occ, occ_quantile: outlier clamping at the occ_quantile / 1 - occ_quantile quantiles of each
         activation operand, with the clamped residual multiplied in high precision.
+    occ_sample: estimate the quantiles from this many entries (a fixed hashed sample) when the
+        activation is larger; None computes them exactly (slow on large tensors: see runtime/occ.py).
     grad_dtype: FP8 dtype of dY in the two backward GEMMs ("float8_e5m2", "float8_e4m3fn"), scaled per
         row along each GEMM's reduction dim; None keeps dY in its own dtype.
     backward_operands: "quantized" multiplies dY by the forward's FP4 operands (the paper);
@@ -41,6 +43,7 @@ class FP4Config:
     dge_clip: float = 3.0
     occ: bool = True
     occ_quantile: float = 0.99
+    occ_sample: int | None = 65536
     grad_dtype: str | None = "float8_e5m2"
     backward_operands: str = "quantized"
     include: ModuleFilter = None
@@ -58,6 +61,8 @@ class FP4Config:
             raise ValueError(f"dge_k must be positive, got {self.dge_k}")
         if not self.dge_clip > 0:
             raise ValueError(f"dge_clip must be positive, got {self.dge_clip}")
+        if self.occ_sample is not None and self.occ_sample < 1:
+            raise ValueError(f"occ_sample must be a positive count or None, got {self.occ_sample}")
         if not 0.5 < self.occ_quantile <= 1.0:
             raise ValueError(f"occ_quantile must be in (0.5, 1], e.g. 0.99, got {self.occ_quantile}")
         for name in ("include", "exclude"):

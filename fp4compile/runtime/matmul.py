@@ -28,11 +28,12 @@ class MatmulSpec:
     out_dtype: torch.dtype | None = None
 
 
-def _quantize(x, is_weight: bool, config: FP4Config):
-    """(values, outer, OCC residual or None) of one operand."""
+def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype):
+    """(values, outer, OCC residual in ``dtype`` or None) of one operand."""
     residual = None
     if config.occ and not is_weight:
-        x, residual = occ_clamp(x, config.occ_quantile)
+        x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
+        residual = residual.to(dtype)
     values, outer = gemm_operand(x, config.format)
     return values, outer, residual
 
@@ -51,14 +52,16 @@ class FP4MatmulNT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, bias, spec: MatmulSpec):
         cfg = spec.config
+        # The compensation GEMMs run in the dtype the original op computed in (bf16 under autocast).
+        dtype = spec.out_dtype or a.dtype
         with torch.autocast(a.device.type, enabled=False):
-            va, oa, ra = _quantize(a, spec.a_is_weight, cfg)
-            vb, ob, rb = _quantize(b, spec.b_is_weight, cfg)
+            va, oa, ra = _quantize(a, spec.a_is_weight, cfg, dtype)
+            vb, ob, rb = _quantize(b, spec.b_is_weight, cfg, dtype)
             y = scaled_gemm(va, oa, vb, ob)
             if ra is not None:
-                y = y + ra @ b.float().mT
+                y = y + (ra @ b.to(dtype).mT).float()
             if rb is not None:
-                y = y + (va.float() * oa) @ rb.mT
+                y = y + ((va.float() * oa).to(dtype) @ rb.mT).float()
             if bias is not None:
                 y = y + bias.float()
         if cfg.backward_operands == "original":
@@ -84,14 +87,14 @@ class FP4MatmulNT(torch.autograd.Function):
                 if a_dge is not None:
                     da = da * dge_derivative(scaled_domain(a_dge, cfg.format), cfg.dge_k, cfg.dge_clip)
                 if rb is not None:
-                    da = da + dy.float() @ rb
+                    da = da + (dy @ rb.to(dy.dtype)).float()
                 da = da.sum_to_size(a_shape).to(a_dtype)
             if need_b:
                 db = _grad_gemm(dy.mT, va, oa, cfg.grad_dtype)
                 if b_dge is not None:
                     db = db * dge_derivative(scaled_domain(b_dge, cfg.format), cfg.dge_k, cfg.dge_clip)
                 if ra is not None:
-                    db = db + dy.float().mT @ ra
+                    db = db + (dy.mT @ ra.to(dy.dtype)).float()
                 db = db.sum_to_size(b_shape).to(b_dtype)
             if need_bias:
                 dbias = dy.float().sum_to_size(bias_meta[0]).to(bias_meta[1])
