@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from fp4compile.runtime import gemm
 from fp4compile.runtime.formats import FORMATS
 
 # The shape the dispatch table is asked about (plan() also checks size rules such as multiples of 16).
@@ -44,44 +45,10 @@ def _device() -> tuple[str, tuple[int, int] | None, str]:
     return "cpu", None, "cpu (no CUDA device)"
 
 
-def _local_plan(device_type: str, capability, format: str) -> tuple[str, str | None]:
-    """The dispatch table of issue 6, for when fp4compile.runtime.gemm has no ``plan``."""
-    if device_type != "cuda" or capability is None:
-        return "emulated", f"device {device_type!r}: exact FP32 emulation"
-    if tuple(capability) >= (10, 0) and format in ("mxfp4", "nvfp4"):
-        return "blackwell_fp4", None
-    if tuple(capability) >= (8, 9) and format in ("vector", "tensor"):
-        return "hopper_fp8", None
-    return "emulated", f"sm_{capability[0]}{capability[1]} has no native path for {format!r}"
-
-
-def gemm_path(device_type: str, capability, format: str) -> tuple[str, str | None]:
-    """(path, note) for an FP4 GEMM of ``format``: gemm.plan's answer where it exists, plus the native
-    Blackwell kernel for block formats on sm_100+ (noting when gemm.scaled_gemm does not dispatch it yet)."""
-    from fp4compile.runtime import gemm
-
-    plan = getattr(gemm, "plan", None)
-    path, note = None, None
-    if plan is not None:
-        try:
-            path, note = plan(device_type, capability, format, *PLAN_SHAPE)
-        except Exception as e:  # a plan() with another signature: fall back to the table
-            note = f"gemm.plan failed ({e.__class__.__name__}: {e}); local table used"
-    if path is None:
-        path, local_note = _local_plan(device_type, capability, format)
-        note = note or local_note
-    native = (device_type == "cuda" and capability is not None and tuple(capability) >= (10, 0)
-              and format in ("mxfp4", "nvfp4"))
-    if native and "blackwell" not in path:
-        note = (f"native kernel fp4compile::block_scaled_mm (Blackwell block-scaled FP4) available; "
-                f"gemm.scaled_gemm dispatches {path!r} today" + (f" ({note})" if note else ""))
-    return path, note
-
-
 def _print_dispatch(device_type, capability, label, out):
     print(f"GEMM path per format on {label} (asked for M, N, K = {PLAN_SHAPE}):", file=out)
     for name in FORMATS:
-        path, note = gemm_path(device_type, capability, name)
+        path, note = gemm.plan(device_type, capability, name, *PLAN_SHAPE)
         print(f"  {name:<7} -> {path}" + (f"   [{note}]" if note else ""), file=out)
 
 

@@ -74,10 +74,10 @@ linear_2 = torch._C._nn.linear(linear_1, l_self_modules_lm_head_parameters_weigh
 return (linear_2,)""")
         self.assertExpectedInline(summary_table(report), """\
 fp4compile graph_0_0: 2 fp4, 1 skipped
-node      op      module   shapes              weight  status   reason
-linear    linear  up       [2, 32] x [64, 32]  B       fp4      
-linear_1  linear  down     [2, 64] x [32, 64]  B       fp4      
-linear_2  linear  lm_head  [2, 32] x [10, 32]  B       skipped  module 'lm_head' matched by config.exclude""")
+node      op      module   shapes              weight  status   gemm      reason
+linear    linear  up       [2, 32] x [64, 32]  B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+linear_1  linear  down     [2, 64] x [32, 64]  B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+linear_2  linear  lm_head  [2, 32] x [10, 32]  B       skipped  -         module 'lm_head' matched by config.exclude""")
 
     def test_attention_block_default_keeps_activation_matmuls(self):
         report, code = rewritten(Attention(), torch.randn(2, 8, 32))
@@ -108,13 +108,13 @@ transpose_4 = matmul_2.transpose(1, 2)
 return (transpose_4,)""")
         self.assertExpectedInline(summary_table(report), """\
 fp4compile graph_0_0: 2 fp4, 4 skipped
-node      op      module  shapes                         weight  status   reason
-linear    linear  qkv     [2, 8, 32] x [96, 32]          B       fp4      
-matmul    matmul  None    [2, 2, 8, 16] x [2, 2, 16, 8]  -       skipped  activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
-y         einsum  None    [2, 2, 8, 8] x [2, 2, 8, 16]   -       skipped  activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
-bmm       bmm     None    [4, 8, 16] x [4, 16, 8]        -       skipped  activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
-y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       skipped  activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
-matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4      """)
+node      op      module  shapes                         weight  status   gemm      reason
+linear    linear  qkv     [2, 8, 32] x [96, 32]          B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+matmul    matmul  None    [2, 2, 8, 16] x [2, 2, 16, 8]  -       skipped  -         activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
+y         einsum  None    [2, 2, 8, 8] x [2, 2, 8, 16]   -       skipped  -         activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
+bmm       bmm     None    [4, 8, 16] x [4, 16, 8]        -       skipped  -         activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
+y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       skipped  -         activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
+matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4      emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)""")
 
     def test_attention_block_with_activation_matmuls(self):
         config = FP4Config(quantize_activation_matmuls=True)
@@ -146,13 +146,13 @@ transpose_4 = matmul_2.transpose(1, 2)
 return (transpose_4,)""")
         self.assertExpectedInline(summary_table(report), """\
 fp4compile graph_0_0: 6 fp4, 0 skipped
-node      op      module  shapes                         weight  status  reason
-linear    linear  qkv     [2, 8, 32] x [96, 32]          B       fp4     
-matmul    matmul  None    [2, 2, 8, 16] x [2, 2, 16, 8]  -       fp4     
-y         einsum  None    [2, 2, 8, 8] x [2, 2, 8, 16]   -       fp4     
-bmm       bmm     None    [4, 8, 16] x [4, 16, 8]        -       fp4     
-y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       fp4     
-matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4     """)
+node      op      module  shapes                         weight  status  gemm      reason
+linear    linear  qkv     [2, 8, 32] x [96, 32]          B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+matmul    matmul  None    [2, 2, 8, 16] x [2, 2, 16, 8]  -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
+y         einsum  None    [2, 2, 8, 8] x [2, 2, 8, 16]   -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
+bmm       bmm     None    [4, 8, 16] x [4, 16, 8]        -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
+y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
+matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)""")
 
     def test_gpt2_conv1d(self):
         report, code = rewritten(GPT2MLP(), torch.randn(2, 8, 32))
@@ -167,15 +167,15 @@ view_3 = x_1.view((2, 8, 32))
 return (view_3,)""")
         self.assertExpectedInline(summary_table(report), """\
 fp4compile graph_0_0: 2 fp4, 0 skipped
-node  op     module  shapes                 weight  status  reason
-x     addmm  c_fc    [16, 32] x [32, 128]   B       fp4     
-x_1   addmm  c_proj  [16, 128] x [128, 32]  B       fp4     """)
+node  op     module  shapes                 weight  status  gemm      reason
+x     addmm  c_fc    [16, 32] x [32, 128]   B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+x_1   addmm  c_proj  [16, 128] x [128, 32]  B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
 
     def test_block_format_skips_indivisible_reduction(self):
         model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 16))
         report, _ = rewritten(model, torch.randn(2, 48), config=FP4Config(format="mxfp4"))
         self.assertExpectedInline(summary_table(report), """\
 fp4compile graph_0_0: 1 fp4, 1 skipped
-node     op      module  shapes              weight  status   reason
-input_1  linear  0       [2, 48] x [64, 48]  B       skipped  reduction dim of size 48 is not a multiple of mxfp4's block of 32; use format='vector' or pad the dim
-input_3  linear  2       [2, 64] x [16, 64]  B       fp4      """)
+node     op      module  shapes              weight  status   gemm      reason
+input_1  linear  0       [2, 48] x [64, 48]  B       skipped  -         reduction dim of size 48 is not a multiple of mxfp4's block of 32; use format='vector' or pad the dim
+input_3  linear  2       [2, 64] x [16, 64]  B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")

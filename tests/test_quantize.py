@@ -85,18 +85,18 @@ def ref_scales(groups: torch.Tensor, fmt: str) -> torch.Tensor:
     amax = groups.abs().amax(-1, keepdim=True) if groups.numel() else groups.new_zeros(groups.shape[0], 1)
     bad = ~torch.isfinite(amax)
     if fmt in ("tensor", "vector"):
-        s = amax / 6
+        s = amax * (1 / 6)  # defined as a multiply by fl32(1/6), as CUDA computes amax / 6
     elif fmt == "mxfp4":
         s = torch.tensor([[2.0 ** _mx_exponent(a) if math.isfinite(a) else math.nan] for a in amax.flatten().tolist()])
         s = s.reshape(amax.shape).float()
     else:  # nvfp4
         t_amax = amax.max() if amax.numel() else amax.new_zeros(())
-        ts = t_amax / (6 * 448)  # float32
+        ts = t_amax * (1 / (6 * 448))  # float32
         if not torch.isfinite(ts):
             return torch.full_like(amax, math.nan)
         if ts == 0:
             return torch.zeros_like(amax)
-        block = ref_round_e4m3(torch.clamp(amax / 6 / ts, max=448))
+        block = ref_round_e4m3(torch.clamp(amax * (1 / 6) / ts, max=448))
         s = block * ts
     return torch.where(bad, torch.nan, s)
 
@@ -339,7 +339,7 @@ def test_nvfp4_scales(case):
     x, fmt, dim = case
     qt = quantize(x, fmt, dim)
     amax = x.float().abs().amax()
-    assert qt.tensor_scale.item() == (amax / (6 * 448)).item()
+    assert qt.tensor_scale.item() == (amax * (1 / (6 * 448))).item()
     assert qt.scales.dtype == torch.float8_e4m3fn
     assert bool((qt.scales.float() <= 448).all())
     if amax > 0:  # the block holding the tensor's amax gets (about) the largest E4M3 scale

@@ -16,6 +16,7 @@ from torch._logging import trace_structured
 
 from fp4compile.config import FP4Config
 from fp4compile.passes.find_sites import Site, example
+from fp4compile.runtime.gemm import plan
 
 log = logging.getLogger("fp4compile")
 _counter = itertools.count()
@@ -45,7 +46,26 @@ def _jsonable(value):
     return repr(value)
 
 
-def site_record(site: Site) -> dict:
+def _hint(s) -> int:
+    """A size's value for this trace, without adding a guard (a symbolic size's hint)."""
+    return s.node.hint if isinstance(s, torch.SymInt) else int(s)
+
+
+def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
+    """The forward GEMM's path (gemm.plan) on the device the graph is compiled for, None if not FP4."""
+    if site.status != "fp4":
+        return None
+    a, b = tensors
+    capability = torch.cuda.get_device_capability(a.device) if a.device.type == "cuda" else None
+    k = _hint(site.reduction)
+    if b.dim() > 2 and site.op != "linear":
+        path, reason = "emulated", "a batched right operand (torch._scaled_mm takes 2-D matrices)"
+    else:
+        path, reason = plan(a.device.type, capability, config.format, None, _hint(b.numel()) // max(k, 1), k)
+    return {"path": path, "reason": reason}
+
+
+def site_record(site: Site, config: FP4Config) -> dict:
     tensors = [example(n) for n in site.operands] if site.operands else []
     return {
         "node": site.node.name,
@@ -57,11 +77,12 @@ def site_record(site: Site) -> dict:
         "reduction": None if site.reduction is None else _size(site.reduction),
         "status": site.status,
         "reason": site.reason,
+        "gemm": gemm_plan(site, tensors, config),
     }
 
 
 def build_report(name: str, sites: list[Site], config: FP4Config) -> dict:
-    records = [site_record(s) for s in sites]
+    records = [site_record(s, config) for s in sites]
     return {
         "graph": name,
         "config": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
@@ -74,11 +95,13 @@ def build_report(name: str, sites: list[Site], config: FP4Config) -> dict:
 
 
 def summary_table(report: dict) -> str:
-    rows = [("node", "op", "module", "shapes", "weight", "status", "reason")]
+    rows = [("node", "op", "module", "shapes", "weight", "status", "gemm", "reason")]
     for r in report["sites"]:
         shapes = " x ".join(str(s) for s in r["shapes"])
         weight = ",".join(side for side, w in zip("AB", r["weights"]) if w) or "-"
-        rows.append((r["node"], r["op"], str(r["module"]), shapes, weight, r["status"], r["reason"] or ""))
+        gemm = r["gemm"]["path"] if r["gemm"] else "-"
+        reason = r["reason"] or (r["gemm"] or {}).get("reason") or ""
+        rows.append((r["node"], r["op"], str(r["module"]), shapes, weight, r["status"], gemm, reason))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     s = report["summary"]

@@ -15,10 +15,11 @@ def get_fp8_dtype(name: str) -> torch.dtype:
 def quantize_fp8_rows(x: torch.Tensor, dtype: torch.dtype):
     """Absmax-scale each row (last dim) of ``x`` onto ``dtype``'s range and cast (round to nearest even).
 
+    The scale is amax * fl32(1 / max) rather than amax / max, as in quantize.py: identical on every device.
     Returns (FP8 data, FP32 scale of shape [..., 1]); data * scale approximates x. A zero row gets scale 0
     and zero data; a row holding NaN or inf gets a NaN scale.
     """
     amax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(torch.isfinite(amax), amax / torch.finfo(dtype).max, torch.nan)
+    scale = torch.where(torch.isfinite(amax), amax * (1.0 / torch.finfo(dtype).max), torch.nan)
     data = (x.float() / torch.where(scale == 0, torch.inf, scale)).to(dtype)
     return data, scale

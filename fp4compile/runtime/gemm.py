@@ -1,14 +1,27 @@
 """GEMM dispatch: one scaled GEMM primitive for the forward and both backward GEMMs, per device.
 
-    scaled_gemm(a, a_scale, b, b_scale) = (a @ b^T) * a_scale * b_scale^T,   FP32 accumulation
+    scaled_gemm(a, a_scale, b, b_scale, out_dtype) = (a @ b^T) * a_scale * b_scale^T,   FP32 accumulation
 
-with a [..., M, K], b [..., N, K] and per-row scales ([..., M, 1], [..., N, 1]) or 0-d scales. Operands
-stored in an FP8 dtype (E2M1 values in float8_e4m3fn, gradients in float8_e5m2 or e4m3) are exact FP8
-numbers, so an FP8 tensor-core GEMM multiplies them exactly; float32 operands (block formats, whose
-values carry block scales) take the emulation. Every implementation must agree with ``emulated``.
+with a [..., M, K], b [..., N, K] and per-row scales ([..., M, 1], [..., N, 1]) or 0-d scales, rounded
+once to ``out_dtype``. Operands stored in an FP8 dtype (E2M1 values, folded MXFP4 values, gradients in
+float8_e5m2 or e4m3) are exact FP8 numbers, so an FP8 tensor-core GEMM multiplies them exactly; float32
+operands (NVFP4, whose values carry E4M3 block scales) take the emulation. Every implementation must
+agree with ``emulated``.
+
+The paths, by device (``plan`` answers for any device without running anything):
+
+    device          vector / tensor / mxfp4       nvfp4
+    sm_100+         forward: blackwell_fp4 (mxfp4, nvfp4: native block-scaled FP4 MMA); else hopper_fp8
+    sm_89, sm_90    hopper_fp8                    emulated
+    CPU, older GPU  emulated                      emulated
 """
 
 import torch
+
+from fp4compile.runtime import hopper
+
+BLOCK_FORMATS = ("mxfp4", "nvfp4")
+BLACKWELL = (10, 0)
 
 
 def row_scale_as_columns(scale: torch.Tensor) -> torch.Tensor:
@@ -21,6 +34,45 @@ def emulated(a, a_scale, b, b_scale) -> torch.Tensor:
     return torch.matmul(a.float(), b.float().mT) * a_scale * row_scale_as_columns(b_scale)
 
 
-def scaled_gemm(a, a_scale, b, b_scale) -> torch.Tensor:
-    """[..., M, K] x [..., N, K] -> [..., M, N] in FP32, on the fastest exact path for the device."""
-    return emulated(a, a_scale, b, b_scale)
+def scaled_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., M, K] x [..., N, K] -> [..., M, N] in ``out_dtype``, on the fastest exact path for the device."""
+    if a.device.type == "cuda" and hopper.eligible(a, b)[0]:
+        return hopper.scaled_gemm(a, a_scale, b, b_scale, out_dtype)
+    return emulated(a, a_scale, b, b_scale).to(out_dtype)
+
+
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def native_block_reason(device_type: str, capability, format: str) -> str | None:
+    """Why a forward GEMM of ``format`` does not run as a native block-scaled FP4 GEMM (None: it does)."""
+    if format not in BLOCK_FORMATS:
+        return f"format {format!r} has no block scales for a block-scaled MMA"
+    if device_type != "cuda" or capability is None or tuple(capability) < BLACKWELL:
+        return f"no native FP4 tensor cores on {device_type} {capability or ''}".rstrip()
+    from fp4compile.runtime.kernels import blackwell
+
+    if not blackwell.HAS_TRITON:
+        return "triton is not installed"
+    return None
+
+
+def native_block_gemm(a: torch.Tensor, b: torch.Tensor, format: str, out_dtype: torch.dtype):
+    """Q(a) @ Q(b)^T for a block format on sm_100+, or None where ``native_block_reason`` says no."""
+    if native_block_reason(a.device.type, _capability(a.device), format) is not None:
+        return None
+    from fp4compile.runtime.kernels import blackwell
+
+    return blackwell.block_scaled_matmul(a, b, format, out_dtype, quantizer="triton" if a.is_cuda else "reference")
+
+
+def plan(device_type: str, capability, format: str, m, n, k) -> tuple[str, str | None]:
+    """(path, why not faster) of a forward GEMM [M, K] x [N, K] in ``format`` on a device of
+    ``capability`` ((major, minor) or None): "blackwell_fp4", "hopper_fp8" or "emulated". Pure, so a
+    compile-time report can call it for any device; the runtime decides the same from its tensors."""
+    if native_block_reason(device_type, capability, format) is None:
+        return "blackwell_fp4", None
+    reason = hopper.device_reason(device_type, capability) or hopper.format_reason(format)
+    reason = reason or hopper.shape_reason(m, n, k)
+    return ("emulated", reason) if reason else ("hopper_fp8", None)

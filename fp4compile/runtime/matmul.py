@@ -1,7 +1,9 @@
 """The FP4 matmul: one autograd function, Y = A @ B^T (+ bias) with A [..., M, K], B [..., N, K].
 
 Forward: both operands quantized along K (OCC first on activation operands, with the clamped residual
-multiplied in high precision). Backward: the straight-through estimator for activations, DGE on the
+multiplied in high precision). Each GEMM accumulates in FP32 and rounds once to the dtype its result is
+returned in (the op's dtype: BF16 under autocast), as torch's own BF16 matmuls do; compensation, bias and
+DGE are applied in that dtype. Backward: the straight-through estimator for activations, DGE on the
 gradient of weight operands, and the two gradient GEMMs as ``FP4Config.grad_dtype`` and
 ``backward_operands`` say. Every op-specific entry point in ``ops.py`` reduces to this one.
 """
@@ -13,7 +15,7 @@ import torch
 from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, quantize_fp8_rows
-from fp4compile.runtime.gemm import row_scale_as_columns, scaled_gemm
+from fp4compile.runtime.gemm import native_block_gemm, row_scale_as_columns, scaled_gemm
 from fp4compile.runtime.occ import occ_clamp
 from fp4compile.runtime.quantize import gemm_operand, scaled_domain
 
@@ -29,23 +31,33 @@ class MatmulSpec:
 
 
 def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype):
-    """(values, outer, OCC residual in ``dtype`` or None) of one operand."""
+    """(values, outer, OCC residual in ``dtype`` or None, the operand after clamping) of one operand."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
     values, outer = gemm_operand(x, config.format)
-    return values, outer, residual
+    return values, outer, residual, x
 
 
-def _grad_gemm(grad, other_values, other_outer, grad_dtype):
+def _grad_gemm(grad, other_values, other_outer, grad_dtype, out_dtype):
     """grad [..., P, R] @ other [..., R, K], with other's per-R scale folded into grad before grad is
     quantized per row (method.md: folding the scales), so the saved FP4 values are reused as they are."""
     g = grad.float() * row_scale_as_columns(other_outer)
     if grad_dtype is None:
-        return scaled_gemm(g, g.new_ones(()), other_values.mT, g.new_ones(()))
+        return scaled_gemm(g, g.new_ones(()), other_values.mT, g.new_ones(()), out_dtype)
     data, scale = quantize_fp8_rows(g, get_fp8_dtype(grad_dtype))
-    return scaled_gemm(data, scale, other_values.mT, g.new_ones(()))
+    return scaled_gemm(data, scale, other_values.mT, g.new_ones(()), out_dtype)
+
+
+def _forward_gemm(ca, va, oa, cb, vb, ob, format, dtype):
+    """The forward GEMM: a native block-scaled FP4 GEMM where the device has one (it quantizes the
+    clamped operands ``ca``, ``cb`` itself, to the same values), else the scaled GEMM of the values."""
+    if ca.dim() == 2 and cb.dim() == 2:
+        y = native_block_gemm(ca, cb, format, dtype)
+        if y is not None:
+            return y
+    return scaled_gemm(va, oa, vb, ob, dtype)
 
 
 class FP4MatmulNT(torch.autograd.Function):
@@ -55,15 +67,15 @@ class FP4MatmulNT(torch.autograd.Function):
         # The compensation GEMMs run in the dtype the original op computed in (bf16 under autocast).
         dtype = spec.out_dtype or a.dtype
         with torch.autocast(a.device.type, enabled=False):
-            va, oa, ra = _quantize(a, spec.a_is_weight, cfg, dtype)
-            vb, ob, rb = _quantize(b, spec.b_is_weight, cfg, dtype)
-            y = scaled_gemm(va, oa, vb, ob)
+            va, oa, ra, ca = _quantize(a, spec.a_is_weight, cfg, dtype)
+            vb, ob, rb, cb = _quantize(b, spec.b_is_weight, cfg, dtype)
+            y = _forward_gemm(ca, va, oa, cb, vb, ob, cfg.format, dtype)
             if ra is not None:
-                y = y + (ra @ b.to(dtype).mT).float()
+                y = y + ra @ b.to(dtype).mT
             if rb is not None:
-                y = y + ((va.float() * oa).to(dtype) @ rb.mT).float()
+                y = y + (va.float() * oa).to(dtype) @ rb.mT
             if bias is not None:
-                y = y + bias.float()
+                y = y + bias.to(dtype)
         if cfg.backward_operands == "original":
             va, oa, vb, ob = a.float(), oa.new_ones(()), b.float(), ob.new_ones(())
         # DGE re-derives a weight's scaled values from the weight itself.
@@ -72,7 +84,7 @@ class FP4MatmulNT(torch.autograd.Function):
         ctx.save_for_backward(va, oa, vb, ob, ra, rb, a_dge, b_dge)
         ctx.spec = spec
         ctx.shapes = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
-        return y.to(spec.out_dtype or a.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -83,19 +95,19 @@ class FP4MatmulNT(torch.autograd.Function):
         da = db = dbias = None
         with torch.autocast(dy.device.type, enabled=False):
             if need_a:
-                da = _grad_gemm(dy, vb, ob, cfg.grad_dtype)
+                da = _grad_gemm(dy, vb, ob, cfg.grad_dtype, a_dtype)
                 if a_dge is not None:
-                    da = da * dge_derivative(scaled_domain(a_dge, cfg.format), cfg.dge_k, cfg.dge_clip)
+                    da = da * dge_derivative(scaled_domain(a_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(a_dtype)
                 if rb is not None:
-                    da = da + (dy @ rb.to(dy.dtype)).float()
-                da = da.sum_to_size(a_shape).to(a_dtype)
+                    da = da + (dy @ rb.to(dy.dtype)).to(a_dtype)
+                da = da.sum_to_size(a_shape)
             if need_b:
-                db = _grad_gemm(dy.mT, va, oa, cfg.grad_dtype)
+                db = _grad_gemm(dy.mT, va, oa, cfg.grad_dtype, b_dtype)
                 if b_dge is not None:
-                    db = db * dge_derivative(scaled_domain(b_dge, cfg.format), cfg.dge_k, cfg.dge_clip)
+                    db = db * dge_derivative(scaled_domain(b_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(b_dtype)
                 if ra is not None:
-                    db = db + (dy.mT @ ra.to(dy.dtype)).float()
-                db = db.sum_to_size(b_shape).to(b_dtype)
+                    db = db + (dy.mT @ ra.to(dy.dtype)).to(b_dtype)
+                db = db.sum_to_size(b_shape)
             if need_bias:
                 dbias = dy.float().sum_to_size(bias_meta[0]).to(bias_meta[1])
         return da, db, dbias, None

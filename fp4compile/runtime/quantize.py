@@ -39,11 +39,22 @@ def _poison(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), scale, torch.nan)
 
 
+def _over(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor for a constant divisor, defined as x * fl32(1 / divisor): CUDA (eager and Inductor)
+    divides by a constant that way, so the scales are bit-identical on every device."""
+    return x * (1.0 / divisor)
+
+
+def nvfp4_tensor_scale(tensor_amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's FP32 tensor scale: maps the tensor's amax onto E4M3's range of block scales (NaN if not finite)."""
+    return _poison(_over(tensor_amax, e2m1.E2M1_MAX * E4M3_MAX), tensor_amax)
+
+
 def _scales(xb: torch.Tensor, fmt: Format):
     """Per-group scales for blocked ``xb``: (effective FP32 scale, stored scale, FP32 tensor scale or None)."""
     amax = _amax(xb, (-1,))
     if fmt.name in ("tensor", "vector"):
-        scale = _poison(amax / e2m1.E2M1_MAX, amax)
+        scale = _poison(_over(amax, e2m1.E2M1_MAX), amax)
         return scale, scale, None
     if fmt.name == "mxfp4":
         # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax(E2M1), clamped to E8M0's range.
@@ -53,11 +64,10 @@ def _scales(xb: torch.Tensor, fmt: Format):
         scale = _poison(torch.exp2(shared.float()), amax)
         stored = torch.where(torch.isfinite(amax), shared + _E8M0_BIAS, 255).to(torch.uint8)
         return scale, stored, None
-    # nvfp4: an FP32 tensor scale maps the tensor's amax onto E4M3's range of block scales.
     tensor_amax = _amax(xb, (-2, -1)).amax() if xb.numel() else xb.new_zeros(())
-    tensor_scale = _poison(tensor_amax / (e2m1.E2M1_MAX * E4M3_MAX), tensor_amax)
+    tensor_scale = nvfp4_tensor_scale(tensor_amax)
     safe_ts = torch.where(tensor_scale == 0, 1.0, tensor_scale)
-    block_scale = (amax / e2m1.E2M1_MAX / safe_ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    block_scale = (_over(amax, e2m1.E2M1_MAX) / safe_ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     scale = _poison(block_scale.float() * tensor_scale, amax)
     return scale, block_scale, tensor_scale
 
@@ -172,15 +182,35 @@ def fake_quantize(
     return _unblocked(values * scale, x.shape, dim).to(x.dtype)
 
 
+# E4M3 holds E2M1 values times 2^t exactly for t in [-8, 6]: 6 * 2^6 = 384 <= 448, 0.5 * 2^-8 = 2^-9 (its
+# smallest subnormal). MXFP4 rows are folded so that the row's largest block scale maps to 2^6.
+_MX_FOLD_TOP = 6
+
+
+def _fold_mx_rows(values: torch.Tensor, scale: torch.Tensor):
+    """MXFP4 values [..., G, 32] with power-of-two block scales [..., G, 1] -> (E4M3 values, per-row
+    FP32 outer [..., 1, 1]). Exact for every block whose scale is at least 2^-14 of its row's largest;
+    smaller blocks round onto E4M3's subnormal grid (an absolute error below 2^-10 * 2^-6 * row max scale)."""
+    row_max = scale.amax(dim=-2, keepdim=True)  # never 0: E8M0's smallest scale is 2^-127
+    folded = (values * (scale / row_max * 2.0**_MX_FOLD_TOP)).to(torch.float8_e4m3fn)  # powers of two: exact
+    return folded, row_max * 2.0**-_MX_FOLD_TOP
+
+
 def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", generator=None):
     """Quantize ``x`` along its last dim (the GEMM's reduction dim) for an FP4 GEMM.
 
-    Returns (values, outer): ``values`` shaped like ``x`` hold the E2M1 values times any block scales,
-    and ``outer`` is the FP32 scale left over, constant along the reduction dim: [..., 1] per row for
-    "vector", 0-d for "tensor" and "nvfp4" (its tensor scale), 1 for "mxfp4". For "vector" and "tensor"
-    the values are plain E2M1 values, stored exactly in float8_e4m3fn (one byte each, ready for FP8
-    tensor cores); for the block formats they are float32 (exact in bfloat16 too). Either way a GEMM
-    with FP32 accumulation multiplies them exactly, and fake_quantize(x) == values * outer.
+    Returns (values, outer): ``values`` shaped like ``x`` hold the E2M1 values times any scale that varies
+    along the reduction dim, and ``outer`` is the FP32 scale left over, constant along it: [..., 1] per
+    row for "vector" and "mxfp4", 0-d for "tensor" and "nvfp4" (its tensor scale). A GEMM with FP32
+    accumulation multiplies the values exactly, so every device computes the same product.
+
+    - "vector", "tensor": plain E2M1 values in float8_e4m3fn (one byte each, ready for FP8 tensor cores);
+      fake_quantize(x) == values * outer.
+    - "mxfp4": each row's power-of-two block scales are folded into the values relative to the row's
+      largest, also in float8_e4m3fn, so MXFP4 runs on FP8 tensor cores too. Exact (fake_quantize(x) ==
+      values * outer) unless a block's scale is below 2^-14 of the row's largest; see _fold_mx_rows.
+    - "nvfp4": E2M1 values times E4M3 block scales, in float32 (exact in bfloat16 too): these products
+      need up to 7 significant bits, more than FP8 holds.
     """
     fmt = get_format(format)
     check_input(x, fmt, -1)
@@ -189,9 +219,10 @@ def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", genera
     if fmt.name in ("vector", "tensor"):
         outer = scale.squeeze(-1) if fmt.name == "vector" else scale.reshape(())
         return values.reshape(x.shape).to(torch.float8_e4m3fn), outer
-    inner = stored.float() if fmt.name == "nvfp4" else scale
-    outer = tensor_scale if fmt.name == "nvfp4" else x.new_ones((), dtype=torch.float32)
-    return (values * inner).reshape(x.shape), outer
+    if fmt.name == "mxfp4":
+        folded, outer = _fold_mx_rows(values, scale)
+        return folded.reshape(x.shape), outer.reshape(*x.shape[:-1], 1)
+    return (values * stored.float()).reshape(x.shape), tensor_scale
 
 
 def scaled_domain(x: torch.Tensor, format: str) -> torch.Tensor:

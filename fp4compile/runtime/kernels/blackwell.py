@@ -30,8 +30,8 @@ import re
 import torch
 
 from fp4compile.runtime import e2m1
-from fp4compile.runtime.formats import E4M3_MAX, get_format
-from fp4compile.runtime.quantize import QuantizedTensor, quantize
+from fp4compile.runtime.formats import get_format
+from fp4compile.runtime.quantize import QuantizedTensor, nvfp4_tensor_scale, quantize
 
 try:
     import triton
@@ -374,10 +374,10 @@ if HAS_TRITON:
             v = xb * inv[:, :, None]
             s_bytes = stored.to(tl.uint8)
         else:
-            # E4M3 block scale = amax / 6 / tensor scale (IEEE divisions, as the reference), at most 448.
+            # E4M3 block scale = amax * fl32(1/6) / tensor scale (IEEE division, as the reference), at most 448.
             ts = tl.load(ts_ptr)
             safe_ts = tl.where(ts == 0.0, 1.0, ts)
-            bs = tl.math.div_rn(tl.math.div_rn(amax, 6.0), safe_ts)
+            bs = tl.math.div_rn(amax * (1.0 / 6.0), safe_ts)
             bs = tl.where(bs > 448.0, 448.0, bs)  # keeps a NaN, as torch's clamp does
             # Round to E4M3 (nearest, ties to even) in integer arithmetic, not by a float8 cast, so that the
             # bytes are the same wherever it runs (Triton's interpreter does not round float8 casts).
@@ -413,10 +413,9 @@ else:
 
 
 def tensor_scale(x: torch.Tensor) -> torch.Tensor:
-    """NVFP4's FP32 tensor scale of ``x``, computed as the reference does: amax / (6 * 448), NaN if ``x``
-    holds a NaN or inf."""
+    """NVFP4's FP32 tensor scale of ``x`` by the reference's formula."""
     amax = x.float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
-    return torch.where(torch.isfinite(amax), amax / (e2m1.E2M1_MAX * E4M3_MAX), torch.nan)
+    return nvfp4_tensor_scale(amax)
 
 
 def quantize_triton(x: torch.Tensor, format: str, kernel=None, BLOCK_R: int = 32, BLOCK_K: int = 128) -> PackedOperand:

@@ -1,0 +1,108 @@
+"""scaled_gemm on FP8 tensor cores (sm_89+, built for Hopper's sm_90) through ``torch._scaled_mm``.
+
+E2M1 values (and MXFP4 values with their block scales folded in, see quantize.gemm_operand) are exact in
+float8_e4m3fn and the gradient is already FP8 (e5m2 or e4m3), so an FP8 GEMM multiplies the very operands
+the emulation multiplies. Rowwise scaling (scale_a [M, 1], scale_b [1, N]) applies the per-row scales
+after the product, as ``gemm.emulated`` does; the output is rounded once to the caller's dtype (BF16 for
+a BF16 model) and ``use_fast_accum=False`` keeps the FP32 accumulation ``scaled_gemm`` promises. Measured on an
+H100 (docs/performance.md): the forward (E2M1 x E2M1: terms are multiples of 1/4 below 36) equals the
+emulation up to the two scale multiplies; the backward (e5m2 x E2M1) differs by up to ~2^-16 of
+sum |a||b|, as Hopper's FP8 MMA adds products in reduced precision before each FP32 promotion.
+
+Fallbacks (each reason is what ``eligible`` returns): non-CUDA or pre-sm_89 devices, operands that are
+not FP8 (NVFP4 carries its E4M3 block scales inside K as float32), two e5m2 operands (cuBLASLt
+needs an e4m3 one), a batched b (``_scaled_mm`` takes 2-D matrices; a 2-D b is handled by flattening a's
+leading dims, a batched b falls back rather than unrolling a per-batch loop into the graph), K or N not
+a multiple of 16, and operands whose storage offset is not 16-byte aligned.
+"""
+
+import torch
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+MIN_CAPABILITY = (8, 9)
+ALIGN = 16  # _scaled_mm: K and N multiples of 16; cuBLASLt: 16-byte aligned operand pointers
+
+
+def device_reason(device_type: str, capability: tuple[int, int] | None) -> str | None:
+    """Why a device cannot take the FP8 path, or None if it can."""
+    if device_type != "cuda":
+        return f"device {device_type!r} has no FP8 tensor cores (CUDA sm_89+ needed)"
+    if capability is None or tuple(capability) < MIN_CAPABILITY:
+        return f"CUDA capability {capability} < sm_89: no FP8 tensor cores"
+    return None
+
+
+def format_reason(format: str) -> str | None:
+    """Why an FP4 format cannot take the FP8 path: NVFP4's E4M3 block scales times E2M1 values need more
+    bits than FP8 has (MXFP4's power-of-two block scales fold into the FP8 values)."""
+    if format in ("vector", "tensor", "mxfp4"):
+        return None
+    return f"format {format!r}: E2M1 values times E4M3 block scales are not FP8 numbers"
+
+
+def shape_reason(m, n, k) -> str | None:
+    """Why an [M, K] x [N, K] GEMM breaks _scaled_mm's size rules (M is free), or None."""
+    if k % ALIGN:
+        return f"K={k} is not a multiple of {ALIGN} (torch._scaled_mm needs it)"
+    if n % ALIGN:
+        return f"N={n} is not a multiple of {ALIGN} (torch._scaled_mm needs it)"
+    return None
+
+
+def operand_reason(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why operands a [..., M, K], b [N, K] cannot go to _scaled_mm (dtype, rank, size, alignment)."""
+    if a.dtype not in FP8_DTYPES or b.dtype not in FP8_DTYPES:
+        return f"{a.dtype} x {b.dtype} operands are not both FP8 (NVFP4 arrives as float32)"
+    if a.dtype == b.dtype == torch.float8_e5m2:
+        return "two float8_e5m2 operands (cuBLASLt needs at least one float8_e4m3fn)"
+    if a.dim() < 2 or b.dim() != 2:
+        return f"operand ranks {a.dim()} and {b.dim()}: _scaled_mm needs a 2-D b (a batched b falls back)"
+    reason = shape_reason(a.shape[-2], b.shape[-2], a.shape[-1])
+    if reason:
+        return reason
+    for name, t in (("a", a), ("b", b)):
+        if t.storage_offset() * t.element_size() % ALIGN:
+            return f"operand {name} starts {t.storage_offset()} elements into its storage: not {ALIGN}-byte aligned"
+    return None
+
+
+def eligible(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str | None]:
+    """(True, None) if ``scaled_gemm`` can run a [..., M, K] x b [N, K] here, else (False, why not)."""
+    device = a.device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    reason = device_reason(device.type, capability) or operand_reason(a, b)
+    return reason is None, reason
+
+
+def _rowwise(scale: torch.Tensor, rows) -> torch.Tensor:
+    """A per-row [..., rows, 1] or 0-d scale as the contiguous FP32 (rows, 1) that _scaled_mm takes."""
+    return scale.float().reshape(-1, 1).expand(rows, 1).contiguous()
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """2-D ``t`` as a contiguous (row-major) tensor. The FP8 operands of both backward GEMMs arrive
+    transposed (the saved operand as a view; dW's gradient in the layout of dY): on CUDA a tiled kernel
+    writes the transpose, as Inductor would fuse a plain copy into the producer as uncoalesced stores
+    (kernels/transpose_triton.py says how slow)."""
+    if t.is_contiguous():
+        return t
+    if t.is_cuda and t.element_size() == 1 and t.mT.is_contiguous():
+        from fp4compile.runtime.kernels.transpose_triton import transpose_bytes
+
+        return transpose_bytes(t.mT)
+    return t.contiguous()
+
+
+def scaled_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(a @ b^T) * a_scale * b_scale^T in ``out_dtype`` on FP8 tensor cores; the caller checked ``eligible``."""
+    k, n = a.shape[-1], b.shape[-2]
+    a2 = row_major(a.reshape(-1, k))  # A row-major
+    out = torch._scaled_mm(
+        a2,
+        row_major(b).t(),  # B column-major
+        _rowwise(a_scale, a2.shape[0]),
+        _rowwise(b_scale, n).t(),
+        out_dtype=out_dtype,
+        use_fast_accum=False,
+    )
+    return out.reshape(*a.shape[:-1], n)

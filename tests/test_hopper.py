@@ -1,0 +1,296 @@
+"""The FP8 tensor-core path of scaled_gemm: its dispatch rules (CPU, in CI) and its numerics (CUDA)."""
+
+import pytest
+import torch
+
+import fp4compile
+from fp4compile import FP4Config
+from fp4compile.dynamo_backend import INDUCTOR_PATCHES
+from fp4compile.runtime import gemm, hopper
+from fp4compile.runtime.fp8 import quantize_fp8_rows
+from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
+from fp4compile.runtime.quantize import gemm_operand
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+HAS_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= hopper.MIN_CAPABILITY
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+
+
+# --- dispatch rules: pure, run everywhere ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device, capability, format, mnk, reason",
+    [
+        ("cuda", (9, 0), "vector", (16384, 14336, 4096), None),
+        ("cuda", (8, 9), "tensor", (100, 32, 48), None),  # M is free
+        ("cpu", None, "vector", (64, 64, 64), "device 'cpu' has no FP8 tensor cores"),
+        ("cuda", (8, 0), "vector", (64, 64, 64), "CUDA capability (8, 0) < sm_89"),
+        ("cuda", None, "vector", (64, 64, 64), "CUDA capability None < sm_89"),
+        ("cuda", (9, 0), "mxfp4", (64, 64, 64), None),  # block scales folded into the FP8 values
+        ("cuda", (9, 0), "nvfp4", (64, 64, 64), "format 'nvfp4': E2M1 values times E4M3 block scales"),
+        ("cuda", (9, 0), "vector", (64, 64, 40), "K=40 is not a multiple of 16"),
+        ("cuda", (9, 0), "vector", (64, 40, 64), "N=40 is not a multiple of 16"),
+    ],
+)
+def test_plan(device, capability, format, mnk, reason):
+    path, why = gemm.plan(device, capability, format, *mnk)
+    if reason is None:
+        assert (path, why) == ("hopper_fp8", None)
+    else:
+        assert path == "emulated" and why.startswith(reason), why
+
+
+def _t(shape, dtype, device="cpu"):
+    return torch.zeros(shape, device=device).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "a, b, reason",
+    [
+        (_t((64, 32), E4M3), _t((48, 32), E4M3), None),
+        (_t((2, 8, 32), E5M2), _t((32, 48), E4M3).mT, None),  # backward: e5m2 x a transposed view
+        (_t((64, 32), torch.float32), _t((48, 32), torch.float32), "torch.float32 x torch.float32 operands are not both FP8"),
+        (_t((64, 32), E5M2), _t((48, 32), E5M2), "two float8_e5m2 operands"),
+        (_t((2, 64, 32), E4M3), _t((2, 48, 32), E4M3), "operand ranks 3 and 3"),
+        (_t((64, 24), E4M3), _t((48, 24), E4M3), "K=24 is not a multiple of 16"),
+        (_t((64, 32), E4M3), _t((40, 32), E4M3), "N=40 is not a multiple of 16"),
+        (_t((65, 32), E4M3)[1:], _t((48, 32), E4M3), None),  # offset 32 bytes: aligned
+        (_t((64 * 32 + 8,), E4M3)[8:].view(64, 32), _t((48, 32), E4M3), "operand a starts 8 elements into"),
+    ],
+)
+def test_operand_reason(a, b, reason):
+    why = hopper.operand_reason(a, b)
+    assert why == reason if reason is None else why.startswith(reason), why
+
+
+def test_cpu_tensors_take_the_emulation():
+    a, b = _t((64, 32), E4M3), _t((48, 32), E4M3)
+    assert hopper.eligible(a, b) == (False, "device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)")
+    va, sa = gemm_operand(torch.randn(64, 32), "vector")
+    vb, sb = gemm_operand(torch.randn(48, 32), "vector")
+    assert torch.equal(gemm.scaled_gemm(va, sa, vb, sb), gemm.emulated(va, sa, vb, sb))
+
+
+@pytest.mark.parametrize(
+    "a_shape, a_dtype, b, scales",
+    [
+        ((100, 64), E4M3, _t((48, 64), E4M3, "meta"), "rows"),  # forward
+        ((100, 64), E5M2, _t((64, 48), E4M3, "meta").mT, "row_and_scalar"),  # backward: b a transposed view
+        ((3, 100, 64), E4M3, _t((48, 64), E4M3, "meta"), "rows"),  # leading dims of a flattened
+        ((100, 64), E4M3, _t((48, 64), E4M3, "meta"), "scalars"),  # "tensor" format
+    ],
+)
+def test_hopper_call_passes_scaled_mm_checks(a_shape, a_dtype, b, scales):
+    """On meta tensors torch._scaled_mm runs its shape, layout (A row-major, B column-major) and scale
+    checks without a GPU."""
+    a = _t(a_shape, a_dtype, "meta")
+    rows = torch.ones((*a_shape[:-1], 1), device="meta")
+    a_scale = rows if scales != "scalars" else torch.ones((), device="meta")
+    b_scale = torch.ones((), device="meta") if scales != "rows" else torch.ones(b.shape[0], 1, device="meta")
+    for out_dtype in (torch.float32, torch.bfloat16):
+        out = hopper.scaled_gemm(a, a_scale, b, b_scale, out_dtype)
+        assert out.shape == (*a_shape[:-1], b.shape[0]) and out.dtype == out_dtype
+
+
+# --- numerics on the GPU ----------------------------------------------------------------------------------
+
+
+def _magnitude(a, a_scale, b, b_scale):
+    """sum_k |a_mk b_nk| |a_scale_m b_scale_n|, in float64: what rounding errors of the GEMM scale with."""
+    scales = (a_scale.double() * gemm.row_scale_as_columns(b_scale).double()).abs()
+    return (a.double().abs() @ b.double().abs().mT) * scales
+
+
+def _check_against_float64(out, a, a_scale, b, b_scale, relative_bound):
+    """|out - float64 product| <= relative_bound * _magnitude, elementwise."""
+    ref = (a.double() @ b.double().mT) * a_scale.double() * gemm.row_scale_as_columns(b_scale).double()
+    err = (out.double() - ref).abs()
+    assert out.dtype == torch.float32 and not out.isnan().any()
+    ratio = (err / (relative_bound * _magnitude(a, a_scale, b, b_scale)).clamp_min(1e-300)).max()
+    assert ratio <= 1, f"error {float(ratio):.3g}x the bound"
+
+
+def _operands(case, m, n, k, generator):
+    """(a, a_scale, b, b_scale) as matmul.py builds them for the forward and the two backward GEMMs."""
+    randn = lambda *s: torch.randn(*s, device="cuda", generator=generator) * 3  # noqa: E731
+    if case == "forward":
+        return (*gemm_operand(randn(m, k), "vector"), *gemm_operand(randn(n, k), "vector"))
+    if case == "tensor_format":
+        return (*gemm_operand(randn(m, k), "tensor"), *gemm_operand(randn(n, k), "tensor"))
+    if case == "batched_a":
+        return (*gemm_operand(randn(3, m, k), "vector"), *gemm_operand(randn(n, k), "vector"))
+    # "backward": dY [m, k] in e5m2 per row times the saved E2M1 values [k, n] of the other operand.
+    grad, scale = quantize_fp8_rows(randn(m, k), E5M2)
+    saved, _ = gemm_operand(randn(k, n), "vector")
+    return grad, scale, saved.mT, torch.ones((), device="cuda")
+
+
+@needs_fp8
+@pytest.mark.parametrize("case", ["forward", "tensor_format", "batched_a", "backward"])
+@pytest.mark.parametrize("seed", range(4))
+def test_hopper_matches_emulation(case, seed):
+    g = torch.Generator("cuda").manual_seed(seed)
+    m = int(torch.randint(1, 700, (1,), generator=torch.Generator().manual_seed(seed)))
+    n, k = (16 * int(v) for v in torch.randint(1, 64, (2,), generator=torch.Generator().manual_seed(100 + seed)))
+    a, sa, b, sb = _operands(case, m, n, k, g)
+    assert hopper.eligible(a, b) == (True, None)
+    fast, emulated = hopper.scaled_gemm(a, sa, b, sb), gemm.emulated(a, sa, b, sb)
+    fp32_accumulation = (k + 3) * 2.0**-24  # worst case of K FP32 additions and the two scale multiplies
+    _check_against_float64(emulated, a, sa, b, sb, fp32_accumulation)
+    if case == "backward":
+        # An e5m2 x E2M1 product does not fit Hopper's FP8 MMA adder, which sums products in reduced
+        # precision (~14 bits per the DeepSeek-V3 report) before each FP32 promotion; bench_gemm measured
+        # errors up to 2^-16 of the magnitude. FP32 accumulation cannot be had here; 2^-13 is the bound.
+        _check_against_float64(fast, a, sa, b, sb, 2.0**-13)
+    else:
+        # E2M1 x E2M1 terms are multiples of 1/4 below 36: their sums are exact even in that adder, so
+        # only the two scale multiplies may round differently from the emulation.
+        _check_against_float64(fast, a, sa, b, sb, fp32_accumulation)
+        torch.testing.assert_close(fast, emulated, rtol=2 * 2.0**-23, atol=0)
+
+
+@needs_fp8
+def test_scaled_gemm_dispatches_to_hopper(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hopper, "scaled_gemm", lambda *args: calls.append(args) or gemm.emulated(*args[:4]))
+    a, sa, b, sb = _operands("forward", 64, 64, 64, torch.Generator("cuda").manual_seed(0))
+    gemm.scaled_gemm(a, sa, b, sb)
+    assert len(calls) == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "a_shape, a_dtype, b_shape, b_dtype, reason",
+    [
+        ((64, 32), torch.float32, (48, 32), torch.float32, "torch.float32 x torch.float32"),
+        ((64, 32), E5M2, (48, 32), E5M2, "two float8_e5m2 operands"),
+        ((2, 64, 32), E4M3, (2, 48, 32), E4M3, "operand ranks 3 and 3"),
+        ((64, 24), E4M3, (48, 24), E4M3, "K=24"),
+        ((64, 32), E4M3, (40, 32), E4M3, "N=40"),
+    ],
+)
+def test_fallbacks_on_cuda_give_the_emulation(a_shape, a_dtype, b_shape, b_dtype, reason):
+    a = torch.randn(a_shape, device="cuda").to(a_dtype)
+    b = torch.randn(b_shape, device="cuda").to(b_dtype)
+    sa, sb = torch.rand(*a_shape[:-1], 1, device="cuda"), torch.rand(*b_shape[:-1], 1, device="cuda")
+    ok, why = hopper.eligible(a, b)
+    if HAS_FP8:
+        assert not ok and reason in why, why
+    else:
+        assert not ok and "sm_89" in why
+    assert torch.equal(gemm.scaled_gemm(a, sa, b, sb), gemm.emulated(a, sa, b, sb))
+
+
+def _planted_ties(rows, k, dtype, generator):
+    """Random rows, half of them holding values exactly on E2M1 rounding ties (amax 1.5 -> scale 1/4)."""
+    x = torch.randn(rows, k, generator=generator) * 3
+    ties = torch.tensor([0.0625, 0.1875, 0.3125, 0.4375, 0.625, 0.875, 1.25])  # x / scale = .25, .75, ... 5
+    pick = torch.randint(0, len(ties), (rows // 2, k), generator=generator)
+    x[: rows // 2] = ties[pick] * torch.where(torch.rand(rows // 2, k, generator=generator) < 0.5, -1, 1)
+    x[: rows // 2, 0] = 1.5
+    return x.to(dtype)
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(300, 200), (128, 256), (1, 17), (4096, 130)])
+def test_transpose_kernel(shape):
+    from fp4compile.runtime.kernels.transpose_triton import transpose_bytes
+
+    x = torch.randn(shape, device="cuda").to(E4M3)
+    assert torch.equal(_bits(transpose_bytes(x)), _bits(x.t().contiguous()))
+
+
+@needs_cuda
+@pytest.mark.parametrize("format", ["vector", "tensor", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_quantized_operands_bit_exact_with_cpu(format, dtype, compiled):
+    """The FP4 values and scales made on the GPU (eager, or by Inductor with the fp4 backend's settings)
+    equal the CPU reference's bit for bit, including values planted on E2M1 rounding ties."""
+    torch._dynamo.reset()
+    x = _planted_ties(256, 512, dtype, torch.Generator().manual_seed(0))
+    options = {"options": INDUCTOR_PATCHES, "fullgraph": True}
+    quantize = torch.compile(gemm_operand, **options) if compiled else gemm_operand
+    values, scales = quantize(x.cuda(), format)
+    ref_values, ref_scales = gemm_operand(x, format)
+    assert torch.equal(_bits(scales.cpu()), _bits(ref_scales))
+    assert torch.equal(_bits(values.cpu()), _bits(ref_values))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [E5M2, E4M3])
+def test_fp8_gradient_bit_exact_with_cpu(dtype):
+    torch._dynamo.reset()
+    g = torch.randn(300, 700, generator=torch.Generator().manual_seed(1)) * torch.rand(300, 1) * 100
+    data, scale = torch.compile(quantize_fp8_rows, options=INDUCTOR_PATCHES, fullgraph=True)(g.cuda(), dtype)
+    ref_data, ref_scale = quantize_fp8_rows(g, dtype)
+    assert torch.equal(_bits(scale.cpu()), _bits(ref_scale))
+    assert torch.equal(_bits(data.cpu()), _bits(ref_data))
+
+
+@needs_fp8
+@pytest.mark.parametrize(
+    "format, occ, dtype",
+    [("vector", False, torch.float32), ("vector", True, torch.float32), ("mxfp4", False, torch.float32),
+     ("vector", True, torch.bfloat16)],
+)
+def test_compiled_fp4_linear_on_cuda_matches_cpu_reference(format, occ, dtype):
+    """A compiled FP4 nn.Linear (hopper path; MXFP4 with its block scales folded into FP8) against the
+    eager FP4 matmul on the CPU. The forward GEMM is exact, so y agrees to FP32 rounding; the e5m2
+    gradient GEMMs carry the FP8 MMA's reduced-precision sums (test_hopper_matches_emulation), so dX and
+    dW agree to 1e-4 in norm. In BF16 every GEMM output is rounded to BF16 once on both sides, but
+    products that tie differently may round apart: 2^-8 (BF16's relative precision) in norm."""
+    torch._dynamo.reset()
+    cfg = FP4Config(format=format, occ=occ)
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 384)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(384, 256, generator=gen) * 0.05)
+        lin.bias.copy_(torch.randn(384, generator=gen))
+    lin = lin.to(dtype)
+    x = torch.randn(4, 32, 256, generator=gen).to(dtype)
+    dy = torch.randn(4, 32, 384, generator=gen).to(dtype)
+
+    w, bias, xr = (t.detach().clone().requires_grad_(True) for t in (lin.weight, lin.bias, x))
+    y_ref = fp4_matmul_nt(xr.reshape(-1, 256), w, bias, MatmulSpec(cfg)).reshape(4, 32, 384)
+    y_ref.backward(dy)
+
+    gpu = torch.nn.Linear(256, 384).cuda().to(dtype)
+    gpu.load_state_dict(lin.state_dict())
+    xg = x.cuda().requires_grad_(True)
+    y = torch.compile(gpu, backend=fp4compile.backend(cfg), fullgraph=True)(xg)
+    y.backward(dy.cuda())
+    low = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    checks = {"y": (y, y_ref, max(1e-6, low)), "dx": (xg.grad, xr.grad, max(1e-4, low)),
+              "dw": (gpu.weight.grad, w.grad, max(1e-4, low)), "dbias": (gpu.bias.grad, bias.grad, max(1e-6, low))}
+    for name, (got, want, tol) in checks.items():
+        error = float((got.cpu().double() - want.double()).norm() / want.double().norm())
+        assert error <= tol, f"{name}: relative error {error:.3g} > {tol}"
+
+
+@needs_fp8
+def test_no_recompiles_or_host_syncs_across_steps():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.SiLU(), torch.nn.Linear(512, 256)).cuda()
+    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(occ=False)))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step(x):
+        compiled(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(torch.randn(128, 256, device="cuda"))  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step(torch.randn(128, 256, device="cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
