@@ -21,8 +21,8 @@ class FP4Config:
         multiplied by f'(w / scale) with exponent k, f' clipped to at most dge_clip. False means STE.
     occ, occ_quantile: outlier clamping at the occ_quantile / 1 - occ_quantile quantiles of each
         activation operand, with the clamped residual multiplied in high precision.
-    occ_sample: estimate the quantiles from this many entries (a fixed hashed sample) when the
-        activation is larger; None computes them exactly (slow on large tensors: see runtime/occ.py).
+    occ_sample: estimate the quantiles from this many entries (a fixed stratified sample) when the
+        activation has at least 16 times as many; None computes them exactly (slow on large tensors: see runtime/occ.py).
     grad_dtype: FP8 dtype of dY in the two backward GEMMs ("float8_e5m2", "float8_e4m3fn"), scaled per
         row along each GEMM's reduction dim; None keeps dY in its own dtype.
     backward_operands: "quantized" multiplies dY by the forward's FP4 operands (the paper);

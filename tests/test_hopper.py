@@ -294,3 +294,15 @@ def test_no_recompiles_or_host_syncs_across_steps():
                 step(torch.randn(128, 256, device="cuda"))
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_sampled_occ_thresholds_compiled_on_cuda():
+    """The stratified OCC sample of a large activation (Inductor folds its index arithmetic into a gather,
+    in int32 on CUDA) gives the eager thresholds."""
+    from fp4compile.runtime.occ import occ_thresholds
+
+    torch._dynamo.reset()
+    x = torch.randn(32768, 768, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda t: occ_thresholds(t, 0.99, 65536), options=INDUCTOR_PATCHES, fullgraph=True)
+    assert [float(t) for t in compiled(x)] == [float(t) for t in occ_thresholds(x, 0.99, 65536)]

@@ -8,15 +8,15 @@ holds |w| (d = 0.5 below 2, 1 below 4, 2 up to 6), with u = (|w| - a) / d:
 
 import torch
 
-from fp4compile.runtime.e2m1 import E2M1_MAX, grid_step
+from fp4compile.runtime.e2m1 import E2M1_MAX, grid_step, inverse_grid_step
 
 
 def _interval(w_scaled: torch.Tensor):
     mag = w_scaled.float().abs().clamp(max=E2M1_MAX)
-    d = grid_step(mag)
+    d, inv_d = grid_step(mag), inverse_grid_step(mag)
     # |w| = 6 belongs to the last interval [4, 6], not to an interval starting at 6.
-    a = torch.minimum(torch.floor(mag / d) * d, E2M1_MAX - d)
-    return a, d, (mag - a) / d
+    a = torch.minimum(torch.floor(mag * inv_d) * d, E2M1_MAX - d)
+    return a, d, (mag - a) * inv_d
 
 
 def dge_smooth(w_scaled: torch.Tensor, k: float = 5.0) -> torch.Tensor:

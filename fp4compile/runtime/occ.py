@@ -6,9 +6,14 @@ one is the ceil(alpha * n)-th smallest value, the lower one its mirror from the 
 the matmul multiplies it with the other operand in high precision.
 
 An exact selection over a 16k x 4k activation costs more than the GEMM it serves (half a second on an
-H100), so with ``sample=m`` the quantiles come from m entries picked by a fixed multiplicative hash of
-their flat index (i * (2^31 - 1) mod n: spread over rows and columns alike, the same every step, no
-random state). The fraction of entries beyond an estimated threshold then has a standard deviation of
+H100), so with ``sample=m`` the quantiles come from a fixed stratified sample: entry i of the sample is
+taken from the i-th of m consecutive chunks of n // m flat entries, at offset ((i mod 65521) * 7919 mod
+65521) mod (n // m) within it (the prime modulus decorrelates the offset from the chunk's place in its row), so the
+sample spreads over rows and columns alike, is the same every step and needs no random state. The last
+n mod m entries are left out, so sampling starts at n >= 16 m (a tail below 1/16 of the tensor). Every
+product stays below max(n, 2^29): Inductor folds this arithmetic into a gather's index, which it computes
+in int32 on CUDA when n < 2^31 (a multiplicative hash mod n overflowed there).
+The fraction of entries beyond an estimated threshold then has a standard deviation of
 sqrt(p (1 - p) / m) around p = 1 - alpha: for m = 65536 and alpha = 0.99, 1% +- 0.04%.
 """
 
@@ -17,19 +22,26 @@ from fractions import Fraction
 import torch
 
 
-_HASH = 2147483647  # the prime 2^31 - 1: fits the int32 constants Inductor emits on CUDA
+_MIN_CHUNK = 16
+_MIX, _MIX_MOD = 7919, 65521  # i -> i * 7919 mod 65521 (a prime): scrambles i's low bits
+
+
+def sample_index(n: int, m: int, device=None) -> torch.Tensor:
+    """The flat indices of the stratified sample of m among n > m entries (see the module doc)."""
+    i = torch.arange(m, device=device, dtype=torch.int64)
+    chunk = n // m
+    return i * chunk + i % _MIX_MOD * _MIX % _MIX_MOD % chunk
 
 
 def occ_thresholds(x: torch.Tensor, quantile: float, sample: int | None = None):
     """(lower, upper) clamp thresholds of ``x`` as 0-d tensors in ``x``'s dtype: exact, or estimated from
-    ``sample`` hashed entries when ``x`` has more than that many."""
+    a stratified sample of ``sample`` entries when ``x`` has at least 16 times that many."""
     if not 0.5 < quantile <= 1.0:
         raise ValueError(f"occ_quantile must be in (0.5, 1], got {quantile}")
     flat = x.reshape(-1)
     n = flat.numel()
-    if sample is not None and n > sample:
-        index = torch.arange(sample, device=x.device, dtype=torch.int64) * _HASH % n
-        flat, n = flat[index], sample
+    if sample is not None and n >= _MIN_CHUNK * sample:
+        flat, n = flat[sample_index(n, sample, x.device)], sample
     # ceil(quantile * n) in integer arithmetic, so a symbolic n stays symbolic (no guard, no recompile);
     # 0.5 < quantile <= 1 keeps k within [1, n].
     q = Fraction(quantile).limit_denominator(1 << 20)
