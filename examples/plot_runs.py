@@ -1,4 +1,4 @@
-"""Plot training and validation loss of several train_lm.py runs on one figure, and print the final table.
+"""Plot the validation loss of several train_lm.py runs on one figure, and print the final table.
 
     python examples/plot_runs.py results/*.jsonl --out results/loss.png
 
@@ -39,16 +39,20 @@ def plot(runs: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    # Left: the whole run on a log scale; right: validation loss over the second half, where recipes
+    # differ by a few percent and the full range would flatten them into one line.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
-        tokens = [s["tokens"] for s in r["steps"]]
-        axes[0].plot(tokens, [s["loss"] for s in r["steps"]], label=r["header"]["recipe"])
-        axes[1].plot(tokens, [s["val_loss"] for s in r["steps"]], label=r["header"]["recipe"])
-    for ax, title in zip(axes, ("training loss", "validation loss")):
+        steps, label = r["steps"], r["header"]["recipe"]
+        axes[0].plot([s["tokens"] for s in steps], [s["val_loss"] for s in steps], label=label)
+        late = [s for s in steps if s["tokens"] >= steps[-1]["tokens"] / 2]
+        axes[1].plot([s["tokens"] for s in late], [s["val_loss"] for s in late], marker="o", label=label)
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, ("validation loss (log scale)", "validation loss, second half")):
         ax.set_title(title)
         ax.set_xlabel("tokens")
+        ax.set_ylabel("cross-entropy (nats/byte)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cross-entropy (nats/byte)")
     axes[1].legend()
     fig.suptitle(runs[0]["header"]["preset"] + " preset, " + runs[0]["header"]["device"])
     fig.tight_layout()
@@ -57,7 +61,7 @@ def plot(runs: list[dict], out: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("logs", nargs="+", type=Path)
+    p.add_argument("logs", nargs="+", type=Path, help="train_lm.py JSON-lines logs")
     p.add_argument("--out", type=Path, help="PNG path (default: loss.png next to the first log)")
     args = p.parse_args(argv)
     runs = [read_run(path) for path in args.logs]

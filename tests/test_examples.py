@@ -1,10 +1,12 @@
 """The training example runs end to end on a CPU and its plot script reads what it wrote."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -13,19 +15,33 @@ import plot_runs  # noqa: E402
 import train_lm  # noqa: E402
 
 
-def test_train_lm_smoke_and_plot(tmp_path):
+@pytest.mark.parametrize("recipe", ["bf16", "paper"])
+def test_train_lm_smoke_and_plot(tmp_path, recipe):
     data = Path(train_lm.__file__).resolve().parents[1] / "fp4compile"
-    record = train_lm.main(["--preset", "smoke", "--recipe", "paper", "--tokens", "3072", "--eval-iters", "2",
+    record = train_lm.main(["--preset", "smoke", "--recipe", recipe, "--tokens", "3072", "--eval-iters", "2",
                             "--data", str(data), "--results", str(tmp_path)])
-    log = tmp_path / "smoke-paper-seed0.jsonl"
+    log = tmp_path / f"smoke-{recipe}-seed0.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["kind"] for r in records][0] == "header" and records[-1]["kind"] == "final"
     assert records[0]["steps"] == 6 and records[0]["corpus_tokens"]["val"] > 0
     steps = [r for r in records if r["kind"] == "step"]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["val_loss"]) for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"] and record["val_loss"] == records[-1]["val_loss"]
     plot_runs.main([str(log), "--out", str(tmp_path / "loss.png")])
     assert (tmp_path / "loss.png").stat().st_size > 0
-    assert "| paper |" in plot_runs.table([plot_runs.read_run(log)])
+    assert f"| {recipe} |" in plot_runs.table([plot_runs.read_run(log)])
+
+
+def test_data_split_is_deterministic_and_disjoint(tmp_path):
+    """Files go whole to one side, by a hash of their name: the same split every time, no file in both."""
+    for i in range(200):
+        (tmp_path / f"f{i}.txt").write_bytes(f"<{i}>".encode())
+    train, val = train_lm.load_corpus(str(tmp_path), val_percent=20)
+    again = train_lm.load_corpus(str(tmp_path), val_percent=20)
+    assert torch.equal(train, again[0]) and torch.equal(val, again[1])
+    pieces = [set(bytes(t.tolist()).decode().split()) for t in (train, val)]
+    assert pieces[0].isdisjoint(pieces[1]) and len(pieces[0]) + len(pieces[1]) == 200
+    assert 10 < len(pieces[1]) < 70
 
 
 def test_unknown_recipe_is_refused():

@@ -1,0 +1,109 @@
+"""Quantize-kernel bandwidth: the FP4 and FP8 quantize passes of an FP4 Linear as Inductor generates them
+from the reference ops, and the transpose kernel of the hopper path, in GB/s (bytes read + written),
+next to a plain device copy of the same input bytes; and how many values and scales differ in their
+bits from the CPU reference. "div_rn" rows set Inductor's eager_numerics.division_rounding (IEEE
+division, as eager PyTorch divides two tensors).
+
+    PYTHONPATH=. python benchmarks/bench_quantize.py --out results/quantize.json
+"""
+
+import torch
+
+from common import copy_bandwidth_gbs, environment, parser, print_table, time_ms, write_json
+from fp4compile.runtime import hopper
+from fp4compile.runtime.fp8 import quantize_fp8_rows
+from fp4compile.runtime.kernels.transpose_triton import transpose_bytes
+from fp4compile.runtime.quantize import gemm_operand
+
+E5M2 = torch.float8_e5m2
+
+
+def fp4_rows(x):
+    return gemm_operand(x, "vector")
+
+
+def grad_rows(dy, col_scale):
+    """dX's gradient operand: dY times the weight's per-channel scale, FP8 per row (matmul._grad_gemm)."""
+    return quantize_fp8_rows(dy.float() * col_scale, E5M2)
+
+
+def grad_cols(dy, row_scale):
+    """dW's gradient operand: dY^T times the activation's per-token scale, FP8 per row of dY^T, made
+    row-major for _scaled_mm's A as the hopper path does it (with the transpose kernel on CUDA)."""
+    data, scale = quantize_fp8_rows(dy.mT.float() * row_scale, E5M2)
+    return hopper.row_major(data), scale
+
+
+def compiled(fn, div_rn=False):
+    """``fn`` through Inductor; ``div_rn`` sets Inductor's IEEE-division option, where this torch has it."""
+    fn = torch.compile(fn, dynamic=False)
+    if not div_rn:
+        return fn
+
+    def run(*args):
+        with torch._inductor.config.patch({"eager_numerics.division_rounding": True}):
+            return fn(*args)
+
+    return run
+
+
+def transpose(values):
+    return (transpose_bytes(values),)
+
+
+def mismatches(got, want) -> str:
+    """Per output, how many elements differ in their bits (NaN equals NaN), "values/scales"."""
+    counts = []
+    for g, w in zip(got, want):
+        g = g.cpu()
+        bits = (lambda t: t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32))
+        both_nan = g.float().isnan() & w.float().isnan()
+        counts.append(str(int(((bits(g) != bits(w)) & ~both_nan).sum())))
+    return "/".join(counts)
+
+
+def main():
+    args = parser(__doc__, "results/quantize.json").parse_args()
+    torch.manual_seed(0)
+    m, k, n = 16384, 4096, 14336
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 1e-3
+    col_scale = torch.rand(1, n, device="cuda") + 0.5
+    row_scale = torch.rand(1, m, device="cuda") + 0.5
+
+    variants = [  # (name, GPU function, CPU reference, inputs)
+        ("fp4 activation [16384x4096] eager", fp4_rows, fp4_rows, (x,)),
+        ("fp4 activation [16384x4096] inductor", compiled(fp4_rows), fp4_rows, (x,)),
+        ("fp4 weight [14336x4096] inductor", compiled(fp4_rows), fp4_rows, (w,)),
+        ("fp8 grad for dX [16384x14336] inductor", compiled(grad_rows), grad_rows, (dy, col_scale)),
+        ("fp8 grad^T for dW [14336x16384] inductor", compiled(grad_cols), grad_cols, (dy, row_scale)),
+    ]
+    if hasattr(torch._inductor.config, "eager_numerics"):
+        variants += [
+            ("fp4 activation [16384x4096] inductor div_rn", compiled(fp4_rows, True), fp4_rows, (x,)),
+            ("fp8 grad for dX [16384x14336] inductor div_rn", compiled(grad_rows, True), grad_rows, (dy, col_scale)),
+        ]
+    h_values = gemm_operand(dy, "vector")[0]
+    variants.append(("e4m3 transpose [16384x14336] triton_op", transpose, lambda v: (v.t().contiguous(),), (h_values,)))
+    rows = []
+    for name, fn, ref_fn, inputs in variants:
+        torch._dynamo.reset()  # each variant compiles afresh, with static shapes
+        out = fn(*inputs)
+        moved = sum(t.numel() * t.element_size() for t in (*inputs, *out))
+        t = time_ms(lambda: fn(*inputs), warmup=3, iters=30)["median_ms"]
+        in_bytes = inputs[0].numel() * inputs[0].element_size()
+        copy = copy_bandwidth_gbs(in_bytes)
+        ref = ref_fn(*(i.cpu() for i in inputs))
+        rows.append({
+            "kernel": name, "ms": t, "GB/s": moved / t / 1e6, "copy GB/s": copy,
+            "of copy": moved / t / 1e6 / copy, "bits differ vs CPU": mismatches(out, ref),
+            "elements": inputs[0].numel(),
+        })
+    print_table(rows, ["kernel", "ms", "GB/s", "copy GB/s", "of copy", "bits differ vs CPU"],
+                "quantize bandwidth (bytes read + written) vs a device copy of the input bytes")
+    write_json(args.out, {"env": environment(), "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Shared helpers of the benchmark scripts: timing, environment, tables, JSON, profiles."""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import fp4compile
+from fp4compile import FP4Config
+
+# The variants every model benchmark runs side by side. torchao's float8 training runs where torchao is
+# importable (it is not in the GPU image: carry its wheel, see docs/performance.md).
+VARIANTS = {
+    "bf16_eager": None,
+    "bf16_inductor": "inductor",
+    "fp4_occ_off": FP4Config(occ=False),
+    "fp4_occ_on": FP4Config(),
+    "torchao_rowwise": "rowwise",
+    "torchao_tensorwise": "tensorwise",
+}
+TORCHAO = ("torchao_rowwise", "torchao_tensorwise")
+
+
+def default_variants() -> str:
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return ",".join(v for v in VARIANTS if v not in TORCHAO)
+    return ",".join(VARIANTS)
+
+
+def prepare(model: torch.nn.Module, variant: str):
+    """Make ``model`` ready for ``variant`` and return the torch.compile backend it runs with (None:
+    eager). torchao swaps the model's Linears (all but lm_head) for Float8Linear, compiled by Inductor."""
+    if variant in TORCHAO:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        config = Float8LinearConfig.from_recipe_name(VARIANTS[variant])
+        convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: "lm_head" not in fqn)
+        return "inductor"
+    backend = VARIANTS[variant]
+    return fp4compile.backend(backend) if isinstance(backend, FP4Config) else backend
+
+
+def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=default_out, help="where to write the JSON results")
+    return p
+
+
+def model_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The parser of a model benchmark: --out and --variants."""
+    p = parser(description, default_out)
+    p.add_argument("--variants", default=default_variants(), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    return p
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": props.name,
+        "capability": list(torch.cuda.get_device_capability(0)),
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.date.today().isoformat(),
+        "commit": commit or "unknown",
+        "python": sys.version.split()[0],
+    }
+
+
+def time_ms(fn, warmup: int = 3, iters: int = 20) -> dict:
+    """Median and spread of ``fn``'s device time in ms (CUDA events around each call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "iters": iters}
+
+
+def copy_bandwidth_gbs(nbytes: int) -> float:
+    """A device-to-device copy of ``nbytes``, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src))["median_ms"]
+    return 2 * nbytes / t / 1e6
+
+
+def top_kernels(fn, n: int = 15) -> dict:
+    """GPU time of one call of ``fn`` (torch.profiler): the ``n`` kernels taking the most, the total, and
+    the part spent in matrix-multiply kernels (cuBLAS' nvjet/gemm, CUTLASS)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            name = e.key if len(e.key) <= 110 else e.key[:60] + "~" + e.key[-49:]
+            rows.append({"kernel": name, "calls": e.count, "ms": us / 1e3})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["ms"] / total if total else 0.0
+    gemm = sum(r["ms"] for r in rows if any(s in r["kernel"] for s in ("nvjet", "gemm", "cutlass")))
+    return {"total_ms": total, "gemm_ms": gemm, "top": rows[:n]}
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def report(args, rows: list[dict], profiles: dict) -> None:
+    """Print each profiled variant's top kernels and write the run's JSON (environment, args, results)."""
+    for variant, prof in profiles.items():
+        title = f"one step of {variant}: {prof['total_ms']:.2f} ms of GPU time, {prof['gemm_ms']:.2f} ms in GEMMs"
+        print_table(prof["top"], ["kernel", "calls", "ms", "share"], title)
+    write_json(args.out, {"env": environment(), "args": vars(args), "results": rows, "profiles": profiles})
+
+
+def write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {path}")
+
+
+def short_error(e: Exception) -> str:
+    """The line of an exception that says what went wrong (Inductor appends advice lines after it)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("Set TORCH", "For even"))]
+    return f"{type(e).__name__}: {(lines[-1] if lines else '')[:160]}"
