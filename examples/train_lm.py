@@ -2,6 +2,7 @@
 
     python examples/train_lm.py --preset smoke --recipe paper          # seconds on a CPU
     python examples/train_lm.py --preset base --recipe bf16 --tokens 100e6   # on a GPU
+    torchrun --nproc_per_node 2 examples/train_lm.py --preset base --recipe paper [--fsdp] [--fp8-comm]
 
 Model: RMSNorm, rotary position embeddings, SwiGLU, untied input embedding and output head (the head
 stays in high precision by FP4Config's default exclude, as in the paper's setup). Byte-level tokens.
@@ -14,6 +15,7 @@ a JSON-lines log (one record per logged step and a final one) to RESULTS/<run na
 import argparse
 import json
 import math
+import os
 import sysconfig
 import time
 import zlib
@@ -21,8 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fp4compile
 
@@ -154,9 +159,33 @@ def compile_model(model: nn.Module, recipe: str):
     """Compile each block (regional compilation, as torchtitan does: the blocks share one compiled graph,
     so compile time does not grow with depth); embedding, final norm, head and loss run eagerly."""
     backend = "inductor" if recipe == "bf16" else fp4compile.backend(fp4compile.FP4Config.from_recipe_name(recipe))
-    for block in model.blocks:
-        block.compile(backend=backend)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block, backend=backend)
     return model
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) in a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def parallelize(model: nn.Module, fsdp: bool, fp8_comm: bool) -> nn.Module:
+    """Under torchrun: FSDP2 (each compiled block sharded, then the root) or DDP (optionally with FP8
+    gradient all-reduce). Blocks are compiled before sharding, as torchtitan orders it."""
+    if fsdp:
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    ddp = DDP(model)
+    if fp8_comm:
+        ddp.register_comm_hook(None, fp4compile.distributed.fp8_allreduce_hook)
+    return ddp
 
 
 @torch.no_grad()
@@ -187,15 +216,21 @@ def main(argv=None):
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--results", default="results", help="folder for the JSON-lines logs")
     p.add_argument("--name", help="run name (default: PRESET-RECIPE-seedN)")
+    p.add_argument("--optim", choices=("adamw", "fp8adamw"), default="adamw",
+                   help="fp8adamw: fp4compile.optim.AdamW, moments in FP8/FP16")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
+    p.add_argument("--fp8-comm", action="store_true", help="under torchrun with DDP: all-reduce gradients in FP8")
     args = p.parse_args(argv)
     if args.recipe != "bf16" and args.recipe not in fp4compile.RECIPES:
         p.error(f"unknown recipe {args.recipe!r}; choose bf16 or one of {sorted(fp4compile.RECIPES)}")
 
+    rank, world = setup_distributed()
     preset = PRESETS[args.preset]
-    batch = args.batch or preset["batch"]
+    batch = args.batch or preset["batch"]  # per process: the global batch is batch * world
     tokens = int(args.tokens or preset["tokens"])
     c = ModelConfig(**{k: preset[k] for k in ("dim", "layers", "heads", "hidden", "seq")})
-    steps = max(1, tokens // (batch * c.seq))
+    step_tokens = batch * c.seq * world
+    steps = max(1, tokens // step_tokens)
     eval_every = args.eval_every or max(1, steps // 10)
 
     torch.manual_seed(args.seed)
@@ -203,19 +238,26 @@ def main(argv=None):
     model = LM(c).to(DEVICE)
     n_params = sum(p.numel() for p in model.parameters())
     compiled = compile_model(model, args.recipe)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=DEVICE == "cuda")
+    if world > 1:
+        compiled = parallelize(compiled, args.fsdp, args.fp8_comm)
+    hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if args.optim == "fp8adamw":
+        opt = fp4compile.optim.AdamW(model.parameters(), **hyper)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), **hyper, fused=DEVICE == "cuda")
     autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda")
     name = args.name or f"{args.preset}-{args.recipe}-seed{args.seed}"
     out = Path(args.results) / f"{name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     header = dict(run=name, recipe=args.recipe, preset=args.preset, model=asdict(c), params=n_params, batch=batch,
-                  steps=steps, tokens=steps * batch * c.seq, lr=args.lr, seed=args.seed, device=_device_name(),
-                  corpus_tokens=dict(train=train.numel(), val=val.numel()), torch=torch.__version__)
-    print(json.dumps(header))
-    log = out.open("w")
-    log.write(json.dumps(dict(kind="header", **header)) + "\n")
+                  world=world, parallel="fsdp2" if args.fsdp and world > 1 else "ddp" if world > 1 else None,
+                  optim=args.optim, steps=steps, tokens=steps * step_tokens, lr=args.lr, seed=args.seed,
+                  device=_device_name(), corpus_tokens=dict(train=train.numel(), val=val.numel()),
+                  torch=torch.__version__)
+    log = _Log(out if rank == 0 else None)
+    log.write(dict(kind="header", **header))
 
-    data = batches(train, batch, c.seq, args.seed)
+    data = batches(train, batch, c.seq, args.seed + 1000 * rank)  # rank 0 draws what one process draws
     start = time.perf_counter()
     seen = 0
     train_time = 0.0  # step time after step 0 (which compiles), evaluation excluded
@@ -230,25 +272,38 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        seen += batch * c.seq
+        seen += step_tokens
         last = step == steps - 1
         if step % eval_every == 0 or last:
             loss_value = loss.item()  # syncs, so the step time below is real
         if step > 0:
             train_time += time.perf_counter() - t0
         if step % eval_every == 0 or last:
-            speed = (seen - batch * c.seq) / train_time if train_time else 0.0
+            speed = (seen - step_tokens) / train_time if train_time else 0.0
             record = dict(kind="step", step=step, tokens=seen, loss=loss_value, grad_norm=grad_norm.item(),
                           lr=opt.param_groups[0]["lr"], tokens_per_s=speed)
             record["val_loss"] = evaluate(compiled, val, c, batch, args.eval_iters, autocast)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(f"step {step:6d}/{steps}  loss {record['loss']:.4f}  val {record['val_loss']:.4f}  "
-                  f"{record['tokens_per_s']:,.0f} tok/s", flush=True)
-    log.write(json.dumps(dict(kind="final", train_loss=record["loss"], val_loss=record["val_loss"], tokens=seen,
-                              tokens_per_s=record["tokens_per_s"], seconds=time.perf_counter() - start)) + "\n")
-    log.close()
+            log.write(record, f"step {step:6d}/{steps}  loss {record['loss']:.4f}  val {record['val_loss']:.4f}  "
+                              f"{record['tokens_per_s']:,.0f} tok/s")
+    log.write(dict(kind="final", train_loss=record["loss"], val_loss=record["val_loss"], tokens=seen,
+                   tokens_per_s=record["tokens_per_s"], seconds=time.perf_counter() - start))
+    if world > 1:
+        dist.destroy_process_group()
     return record
+
+
+class _Log:
+    """The JSON-lines log and the console lines; a no-op on ranks other than 0."""
+
+    def __init__(self, path: Path | None):
+        self.file = path.open("w") if path else None
+
+    def write(self, record: dict, line: str | None = None) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        print(line or json.dumps(record), flush=True)
 
 
 def _device_name() -> str:

@@ -1,5 +1,6 @@
 """fp4compile: FP4 training as a torch.compile backend. ``torch.compile(model, backend="fp4")``."""
 
+from fp4compile import distributed, optim
 from fp4compile.dynamo_backend import backend, compile
 from fp4compile.config import RECIPES, FP4Config
 from fp4compile.runtime.quantize import QuantizedTensor, fake_quantize, quantize
@@ -13,7 +14,9 @@ __all__ = [
     "RECIPES",
     "backend",
     "compile",
+    "distributed",
     "fake_quantize",
+    "optim",
     "quantize",
     "train_step",
 ]

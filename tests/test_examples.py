@@ -47,3 +47,20 @@ def test_data_split_is_deterministic_and_disjoint(tmp_path):
 def test_unknown_recipe_is_refused():
     with pytest.raises(SystemExit):
         train_lm.main(["--recipe", "fp5"])
+
+
+@pytest.mark.parametrize("extra", [["--fp8-comm", "--optim", "fp8adamw"], ["--fsdp"]], ids=["ddp_fp8", "fsdp2"])
+def test_train_lm_under_torchrun(tmp_path, extra):
+    """Two gloo processes through torchrun: DDP with the FP8 all-reduce hook and FP8 AdamW, and FSDP2."""
+    import subprocess
+
+    data = Path(train_lm.__file__).resolve().parents[1] / "fp4compile"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLES / "train_lm.py"),
+           "--preset", "smoke", "--recipe", "paper", "--tokens", "8192", "--eval-iters", "1", "--data", str(data),
+           "--results", str(tmp_path), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "smoke-paper-seed0.jsonl").read_text().splitlines()]
+    assert records[0]["world"] == 2 and records[0]["tokens"] == 8192
+    steps = [r for r in records if r["kind"] == "step"]
+    assert all(math.isfinite(r["loss"]) for r in steps) and steps[-1]["loss"] < steps[0]["loss"]
