@@ -1,0 +1,68 @@
+"""Randomized Hadamard transforms (RHT) along one dim, in groups of 16, 32, 64 or 128 (method.md,
+"Unbiased NVFP4 training"): x -> x · diag(s) · H per group, H the orthonormal Sylvester-Hadamard matrix and
+s random signs. The transform is orthonormal, so its inverse is its transpose; fresh signs each step
+spread a block's outliers over the group without a fixed pattern.
+
+The transform is a [group, group] matmul on the grouped dim: torch has no fast Walsh-Hadamard transform,
+and at these sizes the matmul is cheap and exact to FP32 rounding.
+"""
+
+import functools
+
+import torch
+
+GROUP_SIZES = (16, 32, 64, 128)
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The orthonormal n x n Sylvester-Hadamard matrix (symmetric: H = H^T = H^-1)."""
+    check_group(n)
+    return _sylvester(n).to(device=device, dtype=dtype)
+
+
+def check_group(group: int) -> None:
+    if group not in GROUP_SIZES:
+        raise ValueError(f"Hadamard group size must be one of {GROUP_SIZES}, got {group}")
+
+
+def random_signs(group: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """A vector of ``group`` random +-1 signs (one rotation), drawn from ``generator`` (torch's default
+    generator if None, so torch.manual_seed makes a run repeat)."""
+    check_group(group)
+    bits = torch.randint(0, 2, (group,), generator=generator, device=device)
+    return (bits * 2 - 1).float()
+
+
+def _grouped(x: torch.Tensor, dim: int, group: int) -> torch.Tensor:
+    check_group(group)
+    x = x.movedim(dim, -1)
+    if x.shape[-1] % group:
+        raise ValueError(
+            f"dim {dim} has size {x.shape[-1]}, not a multiple of the Hadamard group {group}; "
+            f"pad it or choose a group size that divides it (one of {GROUP_SIZES})"
+        )
+    return x.unflatten(-1, (-1, group))
+
+
+def rht(x: torch.Tensor, signs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """x rotated along ``dim`` in groups of len(signs): each group g -> (g * signs) @ H. Computed in FP32."""
+    group = signs.numel()
+    g = _grouped(x.float(), dim, group)
+    y = (g * signs.to(g.device)) @ hadamard_matrix(group, g.device)
+    return y.flatten(-2).movedim(-1, dim)
+
+
+def inverse_rht(y: torch.Tensor, signs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The inverse of :func:`rht` with the same signs: g -> (g @ H) * signs (H symmetric, orthonormal)."""
+    group = signs.numel()
+    g = _grouped(y.float(), dim, group)
+    x = (g @ hadamard_matrix(group, g.device)) * signs.to(g.device)
+    return x.flatten(-2).movedim(-1, dim)
