@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import fp4compile
 from fp4compile import FP4Config
-from fp4compile.distributed import fp8_allreduce_hook
+from fp4compile.distributed import FP8ReduceScatter, fp8_allreduce_hook
 
 WORLD = 2
 # FP4 operands are quantized per token (activations) and per output channel (weights), so a rank's half
@@ -147,3 +147,52 @@ def _hook_worker(rank, port):
 
 def test_fp8_comm_hook_within_stated_error():
     mp.spawn(_hook_worker, args=(_free_port(),), nprocs=WORLD)
+
+
+class _CountingReduceScatter(FP8ReduceScatter):
+    calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def _reduce_scatter_worker(rank, port):
+    """FP8ReduceScatter against the exact sum of every rank's segment, within its stated bound; then FSDP2
+    training with it gives nearly the losses of FSDP2's own reduce-scatter."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        shard = 10000  # 3 chunks, a padded tail
+        x = torch.randn(WORLD * shard, generator=torch.Generator().manual_seed(rank)) * (1 + 50 * rank)
+        out = torch.empty(shard)
+        FP8ReduceScatter()(out, x, None, dist.ReduceOp.SUM)
+        everyone = [torch.empty_like(x) for _ in range(WORLD)]
+        dist.all_gather(everyone, x)
+        mine = torch.stack([e.view(WORLD, shard)[rank] for e in everyone])  # [sender, shard]
+        segments = torch.stack([e.view(WORLD, shard) for e in everyone])  # [sender, segment, shard]
+        padded = torch.nn.functional.pad(segments[:, rank], (0, -shard % 4096)).view(WORLD, -1, 4096)
+        scale = (padded.abs().amax(dim=(0, 2)) / 448).repeat_interleave(4096)[:shard]
+        bound = torch.maximum(mine.abs() * 2**-4, 2**-10 * scale).sum(0)
+        assert bool(((out - mine.sum(0)).abs() <= bound * (1 + 1e-5)).all())
+
+        from torch.distributed.fsdp import fully_shard
+
+        losses = {}
+        for name in ("default", "fp8"):
+            model = _model()
+            for block in model:
+                fully_shard(block)
+            fully_shard(model)
+            comm = _CountingReduceScatter()
+            if name == "fp8":
+                for block in model:
+                    block.set_custom_reduce_scatter(comm)
+            losses[name] = _train(model, _batches(3), rank, WORLD)
+        assert comm.calls == 3 * 3  # three blocks, three steps
+        assert losses["fp8"] == pytest.approx(losses["default"], rel=1e-2), losses
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp8_reduce_scatter_within_stated_error():
+    mp.spawn(_reduce_scatter_worker, args=(_free_port(),), nprocs=WORLD)
