@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from fp4compile.runtime.formats import get_format
 from fp4compile.runtime.fp8 import get_fp8_dtype
+from fp4compile.runtime.hadamard import check_group
 
+BACKWARDS = ("fp8", "nvidia", "quartet2")
 ModuleFilter = Sequence[str] | Callable[[str | None], bool] | None
 
 
@@ -35,6 +37,14 @@ class FP4Config:
         attention x values), with OCC on both operands if occ is on.
     dump_dir: write graphs and report.json of every compiled graph under this folder (also set by the
         FP4COMPILE_DUMP_DIR environment variable).
+    backward: how the two gradient GEMMs are estimated. "fp8": the paper's (dY in grad_dtype, DGE or
+        STE). "nvidia": NVIDIA's NVFP4 recipe (weights in 16x16 tiles; dX = SR(dY) @ W_q; dW = SR(H dY)^T
+        @ Q(H X) with a random Hadamard transform H along the tokens). "quartet2": Quartet II (both
+        operands of both gradient GEMMs rotated along their reduction dim, then quantized by MS-EDEN).
+        The last two need format="nvfp4", dge=False and occ=False (their estimators are unbiased instead).
+    hadamard_group: size of the random Hadamard transform's groups (16, 32, 64 or 128) for the
+        "nvidia" (16 in its paper) and "quartet2" (128) backwards. Signs are drawn from torch's
+        generator every backward: torch.manual_seed makes a run repeat, and ranks seeded alike share them.
     """
 
     format: str = "vector"
@@ -50,6 +60,8 @@ class FP4Config:
     exclude: ModuleFilter = ("lm_head", "*.lm_head")
     quantize_activation_matmuls: bool = False
     dump_dir: str | None = None
+    backward: str = "fp8"
+    hadamard_group: int = 16
 
     def __post_init__(self):
         get_format(self.format)
@@ -65,12 +77,24 @@ class FP4Config:
             raise ValueError(f"occ_sample must be a positive count or None, got {self.occ_sample}")
         if not 0.5 < self.occ_quantile <= 1.0:
             raise ValueError(f"occ_quantile must be in (0.5, 1], e.g. 0.99, got {self.occ_quantile}")
+        self._check_backward()
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise TypeError(f"{name} takes a sequence of patterns; write {name}=({value!r},)")
             if value is not None and not callable(value):
                 object.__setattr__(self, name, tuple(value))
+
+    def _check_backward(self):
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        check_group(self.hadamard_group)
+        if self.backward != "fp8" and (self.format != "nvfp4" or self.dge or self.occ):
+            raise ValueError(
+                f"backward={self.backward!r} quantizes all three GEMMs in NVFP4 with unbiased estimators: "
+                "use format='nvfp4', dge=False, occ=False (or the recipe "
+                f"{'nvidia_nvfp4' if self.backward == 'nvidia' else 'quartet2'!r})"
+            )
 
     @classmethod
     def from_recipe_name(cls, name: str, **overrides) -> "FP4Config":
@@ -106,4 +130,6 @@ RECIPES: dict[str, dict] = {
     "occ": {"dge": False},
     "mxfp4": {"format": "mxfp4"},
     "nvfp4": {"format": "nvfp4"},
+    "nvidia_nvfp4": {"format": "nvfp4", "dge": False, "occ": False, "backward": "nvidia", "hadamard_group": 16},
+    "quartet2": {"format": "nvfp4", "dge": False, "occ": False, "backward": "quartet2", "hadamard_group": 128},
 }

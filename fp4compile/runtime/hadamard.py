@@ -7,25 +7,20 @@ The transform is a [group, group] matmul on the grouped dim: torch has no fast W
 and at these sizes the matmul is cheap and exact to FP32 rounding.
 """
 
-import functools
-
 import torch
 
 GROUP_SIZES = (16, 32, 64, 128)
 
 
-@functools.lru_cache(maxsize=None)
-def _sylvester(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n**0.5
-
-
 def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The orthonormal n x n Sylvester-Hadamard matrix (symmetric: H = H^T = H^-1)."""
+    """The orthonormal n x n Sylvester-Hadamard matrix (symmetric: H = H^T = H^-1): entry (i, j) is
+    (-1)^popcount(i & j) / sqrt(n). Built from torch ops each call (no cached tensor, which would leak
+    from one torch.compile trace into another)."""
     check_group(n)
-    return _sylvester(n).to(device=device, dtype=dtype)
+    i = torch.arange(n, device=device)
+    both = i[:, None] & i[None, :]
+    parity = sum((both >> bit) & 1 for bit in range(n.bit_length() - 1)) % 2
+    return ((1 - 2 * parity).to(torch.float64) / n**0.5).to(dtype)
 
 
 def check_group(group: int) -> None:

@@ -114,5 +114,11 @@ class FP4MatmulNT(torch.autograd.Function):
 
 
 def fp4_matmul_nt(a, b, bias=None, spec: MatmulSpec | None = None):
-    """a @ b.mT (+ bias) with FP4 operands; ``spec`` defaults to the paper's recipe with b a weight."""
-    return FP4MatmulNT.apply(a, b, bias, spec or MatmulSpec(FP4Config()))
+    """a @ b.mT (+ bias) with FP4 operands; ``spec`` defaults to the paper's recipe with b a weight.
+    The unbiased NVFP4 recipes (config.backward "nvidia" / "quartet2") have their own autograd function."""
+    spec = spec or MatmulSpec(FP4Config())
+    if spec.config.backward != "fp8":
+        from fp4compile.runtime.unbiased import UnbiasedMatmulNT
+
+        return UnbiasedMatmulNT.apply(a, b, bias, spec)
+    return FP4MatmulNT.apply(a, b, bias, spec)

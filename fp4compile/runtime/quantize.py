@@ -196,6 +196,19 @@ def _fold_mx_rows(values: torch.Tensor, scale: torch.Tensor):
     return folded, row_max * 2.0**-_MX_FOLD_TOP
 
 
+def fake_quantize_tiles(w: torch.Tensor, tile: int = 16) -> torch.Tensor:
+    """NVFP4 fake quantization of a 2-D weight in tile x tile blocks (one E4M3 scale per tile, one FP32
+    tensor scale), as NVIDIA's recipe quantizes weights: w and w.T quantize identically, so the forward's
+    weight serves the backward's dX GEMM as it is."""
+    if w.dim() != 2 or w.shape[0] % tile or w.shape[1] % tile:
+        raise ValueError(f"16x16-tile quantization needs a 2-D weight with both sizes multiples of {tile}, "
+                         f"got {tuple(w.shape)}; pad the layer or exclude it")
+    n, k = w.shape
+    tiles = w.float().reshape(n // tile, tile, k // tile, tile).transpose(1, 2).reshape(n // tile, k // tile, -1)
+    values, scale, _, _ = quantize_blocked(tiles, get_format("nvfp4"))
+    return (values * scale).reshape(n // tile, k // tile, tile, tile).transpose(1, 2).reshape(n, k).to(w.dtype)
+
+
 def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", generator=None):
     """Quantize ``x`` along its last dim (the GEMM's reduction dim) for an FP4 GEMM.
 
