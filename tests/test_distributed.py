@@ -2,6 +2,7 @@
 batch, every site is quantized on every rank, and the FP8 comm hook stays within its stated error."""
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -75,22 +76,29 @@ def _compile_blocks(model, dump_dir):
 
 def _worker(rank, port, mode, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        model = _model()
-        if mode == "ddp":
-            backend = fp4compile.backend(FP4Config(**CONFIG, dump_dir=f"{out}/rank{rank}"), inner="aot_eager")
-            model = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend=backend)
-        else:  # fsdp2: compile each block, then shard each block and the root (torchtitan's order)
-            from torch.distributed.fsdp import fully_shard
+    model = _model()
+    if mode == "ddp":
+        backend = fp4compile.backend(FP4Config(**CONFIG, dump_dir=f"{out}/rank{rank}"), inner="aot_eager")
+        model = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend=backend)
+    else:  # fsdp2: compile each block, then shard each block and the root (torchtitan's order)
+        from torch.distributed.fsdp import fully_shard
 
-            _compile_blocks(model, f"{out}/rank{rank}")
-            for block in model:
-                fully_shard(block)
-            fully_shard(model)
-        losses = _train(model, _batches(3), rank, WORLD)
-        Path(f"{out}/losses{rank}.json").write_text(json.dumps(losses))
-    finally:
-        dist.destroy_process_group()
+        _compile_blocks(model, f"{out}/rank{rank}")
+        for block in model:
+            fully_shard(block)
+        fully_shard(model)
+    losses = _train(model, _batches(3), rank, WORLD)
+    Path(f"{out}/losses{rank}.json").write_text(json.dumps(losses))
+    _finish()
+
+
+def _finish():
+    """End a worker that succeeded: wait for the other rank, then leave without running C++ destructors.
+    After FSDP2 training on gloo, tearing the process group down aborted the process now and then
+    ("terminate called without an active exception", torch 2.13, also with FSDP2's own reduce-scatter),
+    after every assertion had passed. A failing worker raises instead, and mp.spawn reports it."""
+    dist.barrier()
+    os._exit(0)
 
 
 def _reports(folder: Path) -> list[dict]:
@@ -117,32 +125,30 @@ def _hook_worker(rank, port):
     """Gradients through the FP8 hook against DDP's exact all-reduce, elementwise within the hook's bound:
     |hooked - exact| <= (1/W) sum_i max(2^-4 |g_i|, 2^-10 s) (+ FP32 rounding), s the chunk's shared scale."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        # One parameter, so the bucket is its flattened gradient: 60000 values, 15 chunks, a padded tail.
-        base = torch.nn.Linear(300, 200, bias=False)
-        x = torch.randn(8, 300, generator=torch.Generator().manual_seed(10 + rank)) * (1 + 100 * rank)
-        grads = {}
-        for name in ("exact", "fp8", "local"):
-            model = torch.nn.Linear(300, 200, bias=False)
-            model.load_state_dict(base.state_dict())
-            if name != "local":
-                model = torch.nn.parallel.DistributedDataParallel(model)
-                if name == "fp8":
-                    model.register_comm_hook(None, fp8_allreduce_hook)
-            model(x).square().sum().backward()
-            grads[name] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-        everyone = [torch.empty_like(grads["local"]) for _ in range(WORLD)]
-        dist.all_gather(everyone, grads["local"])
-        stacked = torch.stack(everyone)
-        chunks = torch.nn.functional.pad(stacked, (0, -stacked.shape[1] % 4096)).view(WORLD, -1, 4096)
-        scale = (chunks.abs().amax(dim=(0, 2)) / 448).repeat_interleave(4096)[: stacked.shape[1]]
-        bound = torch.maximum(stacked.abs() * 2**-4, 2**-10 * scale).sum(0) / WORLD
-        err = (grads["fp8"] - grads["exact"]).abs()
-        assert bool((err <= bound * (1 + 1e-5) + 1e-30).all()), float((err / bound).max())
-        assert float((err / bound.clamp_min(1e-30)).max()) > 0.01  # the bound is not vacuous
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    # One parameter, so the bucket is its flattened gradient: 60000 values, 15 chunks, a padded tail.
+    base = torch.nn.Linear(300, 200, bias=False)
+    x = torch.randn(8, 300, generator=torch.Generator().manual_seed(10 + rank)) * (1 + 100 * rank)
+    grads = {}
+    for name in ("exact", "fp8", "local"):
+        model = torch.nn.Linear(300, 200, bias=False)
+        model.load_state_dict(base.state_dict())
+        if name != "local":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            if name == "fp8":
+                model.register_comm_hook(None, fp8_allreduce_hook)
+        model(x).square().sum().backward()
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(grads["local"]) for _ in range(WORLD)]
+    dist.all_gather(everyone, grads["local"])
+    stacked = torch.stack(everyone)
+    chunks = torch.nn.functional.pad(stacked, (0, -stacked.shape[1] % 4096)).view(WORLD, -1, 4096)
+    scale = (chunks.abs().amax(dim=(0, 2)) / 448).repeat_interleave(4096)[: stacked.shape[1]]
+    bound = torch.maximum(stacked.abs() * 2**-4, 2**-10 * scale).sum(0) / WORLD
+    err = (grads["fp8"] - grads["exact"]).abs()
+    assert bool((err <= bound * (1 + 1e-5) + 1e-30).all()), float((err / bound).max())
+    assert float((err / bound.clamp_min(1e-30)).max()) > 0.01  # the bound is not vacuous
+    _finish()
 
 
 def test_fp8_comm_hook_within_stated_error():
@@ -161,37 +167,35 @@ def _reduce_scatter_worker(rank, port):
     """FP8ReduceScatter against the exact sum of every rank's segment, within its stated bound; then FSDP2
     training with it gives nearly the losses of FSDP2's own reduce-scatter."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        shard = 10000  # 3 chunks, a padded tail
-        x = torch.randn(WORLD * shard, generator=torch.Generator().manual_seed(rank)) * (1 + 50 * rank)
-        out = torch.empty(shard)
-        FP8ReduceScatter()(out, x, None, dist.ReduceOp.SUM)
-        everyone = [torch.empty_like(x) for _ in range(WORLD)]
-        dist.all_gather(everyone, x)
-        mine = torch.stack([e.view(WORLD, shard)[rank] for e in everyone])  # [sender, shard]
-        segments = torch.stack([e.view(WORLD, shard) for e in everyone])  # [sender, segment, shard]
-        padded = torch.nn.functional.pad(segments[:, rank], (0, -shard % 4096)).view(WORLD, -1, 4096)
-        scale = (padded.abs().amax(dim=(0, 2)) / 448).repeat_interleave(4096)[:shard]
-        bound = torch.maximum(mine.abs() * 2**-4, 2**-10 * scale).sum(0)
-        assert bool(((out - mine.sum(0)).abs() <= bound * (1 + 1e-5)).all())
+    shard = 10000  # 3 chunks, a padded tail
+    x = torch.randn(WORLD * shard, generator=torch.Generator().manual_seed(rank)) * (1 + 50 * rank)
+    out = torch.empty(shard)
+    FP8ReduceScatter()(out, x, None, dist.ReduceOp.SUM)
+    everyone = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(everyone, x)
+    mine = torch.stack([e.view(WORLD, shard)[rank] for e in everyone])  # [sender, shard]
+    segments = torch.stack([e.view(WORLD, shard) for e in everyone])  # [sender, segment, shard]
+    padded = torch.nn.functional.pad(segments[:, rank], (0, -shard % 4096)).view(WORLD, -1, 4096)
+    scale = (padded.abs().amax(dim=(0, 2)) / 448).repeat_interleave(4096)[:shard]
+    bound = torch.maximum(mine.abs() * 2**-4, 2**-10 * scale).sum(0)
+    assert bool(((out - mine.sum(0)).abs() <= bound * (1 + 1e-5)).all())
 
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-        losses = {}
-        for name in ("default", "fp8"):
-            model = _model()
+    losses = {}
+    for name in ("default", "fp8"):
+        model = _model()
+        for block in model:
+            fully_shard(block)
+        fully_shard(model)
+        comm = _CountingReduceScatter()
+        if name == "fp8":
             for block in model:
-                fully_shard(block)
-            fully_shard(model)
-            comm = _CountingReduceScatter()
-            if name == "fp8":
-                for block in model:
-                    block.set_custom_reduce_scatter(comm)
-            losses[name] = _train(model, _batches(3), rank, WORLD)
-        assert comm.calls == 3 * 3  # three blocks, three steps
-        assert losses["fp8"] == pytest.approx(losses["default"], rel=1e-2), losses
-    finally:
-        dist.destroy_process_group()
+                block.set_custom_reduce_scatter(comm)
+        losses[name] = _train(model, _batches(3), rank, WORLD)
+    assert comm.calls == 3 * 3  # three blocks, three steps
+    assert losses["fp8"] == pytest.approx(losses["default"], rel=1e-2), losses
+    _finish()
 
 
 def test_fp8_reduce_scatter_within_stated_error():
