@@ -176,11 +176,14 @@ def setup_distributed() -> tuple[int, int]:
 
 
 def parallelize(model: nn.Module, fsdp: bool, fp8_comm: bool) -> nn.Module:
-    """Under torchrun: FSDP2 (each compiled block sharded, then the root) or DDP (optionally with FP8
-    gradient all-reduce). Blocks are compiled before sharding, as torchtitan orders it."""
+    """Under torchrun: FSDP2 (each compiled block sharded, then the root) or DDP; ``fp8_comm`` sends the
+    gradients in FP8 (FSDP2's reduce-scatter / DDP's all-reduce). Blocks are compiled before sharding,
+    as torchtitan orders it."""
     if fsdp:
         for block in model.blocks:
             fully_shard(block)
+            if fp8_comm:
+                block.set_custom_reduce_scatter(fp4compile.distributed.FP8ReduceScatter())
         return fully_shard(model)
     ddp = DDP(model)
     if fp8_comm:
@@ -219,7 +222,7 @@ def main(argv=None):
     p.add_argument("--optim", choices=("adamw", "fp8adamw"), default="adamw",
                    help="fp8adamw: fp4compile.optim.AdamW, moments in FP8/FP16")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
-    p.add_argument("--fp8-comm", action="store_true", help="under torchrun with DDP: all-reduce gradients in FP8")
+    p.add_argument("--fp8-comm", action="store_true", help="under torchrun: communicate gradients in FP8")
     args = p.parse_args(argv)
     if args.recipe != "bf16" and args.recipe not in fp4compile.RECIPES:
         p.error(f"unknown recipe {args.recipe!r}; choose bf16 or one of {sorted(fp4compile.RECIPES)}")

@@ -49,9 +49,11 @@ def test_unknown_recipe_is_refused():
         train_lm.main(["--recipe", "fp5"])
 
 
-@pytest.mark.parametrize("extra", [["--fp8-comm", "--optim", "fp8adamw"], ["--fsdp"]], ids=["ddp_fp8", "fsdp2"])
+@pytest.mark.parametrize("extra", [["--fp8-comm", "--optim", "fp8adamw"], ["--fsdp", "--fp8-comm"]],
+                         ids=["ddp_fp8", "fsdp2_fp8"])
 def test_train_lm_under_torchrun(tmp_path, extra):
-    """Two gloo processes through torchrun: DDP with the FP8 all-reduce hook and FP8 AdamW, and FSDP2."""
+    """Two gloo processes through torchrun: DDP with the FP8 all-reduce hook and FP8 AdamW, and FSDP2 with
+    the FP8 reduce-scatter."""
     import subprocess
 
     data = Path(train_lm.__file__).resolve().parents[1] / "fp4compile"
