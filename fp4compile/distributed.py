@@ -21,15 +21,16 @@ rank, (W - 1) / W * N bytes against 4 (W - 1) / W * N in FP32, at any W.
 import torch
 import torch.distributed as dist
 
+from fp4compile.runtime.formats import E4M3_MAX
+
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 def _shared_scales(x: torch.Tensor, group) -> torch.Tensor:
     """Per-chunk scales of x [..., chunk] that every rank shares: the all-reduced (MAX) chunk maxima / 448."""
     amax = x.abs().amax(dim=-1, keepdim=True)
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    return torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    return torch.where(amax > 0, amax / E4M3_MAX, 1.0)
 
 
 def _chunked(flat: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -14,11 +14,12 @@ subnormals and keep an absolute precision of 2^-10 resp. 2^-25 times the scale.
 
 import torch
 
-FP8_MAX = 448.0  # float8_e4m3fn
+from fp4compile.runtime.formats import E4M3_MAX
+
 FP16_TOP = 2.0**15  # leaves FP16 headroom above the largest entry of the previous step
 
 # (state key, storage dtype, value the tensor's amax is mapped to)
-_MOMENTS = (("exp_avg", torch.float8_e4m3fn, FP8_MAX), ("exp_avg_sq", torch.float16, FP16_TOP))
+_MOMENTS = (("exp_avg", torch.float8_e4m3fn, E4M3_MAX), ("exp_avg_sq", torch.float16, FP16_TOP))
 
 
 def encode(x: torch.Tensor, dtype: torch.dtype, top: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,11 +16,11 @@ The result is returned dequantized (the values an NVFP4 GEMM would multiply), in
 import torch
 
 from fp4compile.runtime.e2m1 import round_to_e2m1
+from fp4compile.runtime.formats import E4M3_MAX
 
 BLOCK = 16
 SCALE_OVERRIDE = (17 / 16) * 0.93
 BLOCK_SCALE_TOP = 255.99  # the tensor's largest block scale, below E4M3's 448
-E4M3_MAX = 448.0
 
 
 def _e4m3_neighbours(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
