@@ -155,10 +155,14 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def compile_model(model: nn.Module, recipe: str):
+def compile_model(model: nn.Module, recipe: str, **overrides):
     """Compile each block (regional compilation, as torchtitan does: the blocks share one compiled graph,
-    so compile time does not grow with depth); embedding, final norm, head and loss run eagerly."""
-    backend = "inductor" if recipe == "bf16" else fp4compile.backend(fp4compile.FP4Config.from_recipe_name(recipe))
+    so compile time does not grow with depth); embedding, final norm, head and loss run eagerly.
+    ``overrides`` replace fields of the recipe's FP4Config (e.g. dge_k=3)."""
+    if recipe == "bf16":
+        backend = "inductor"
+    else:
+        backend = fp4compile.backend(fp4compile.FP4Config.from_recipe_name(recipe, **overrides))
     for i, block in enumerate(model.blocks):
         model.blocks[i] = torch.compile(block, backend=backend)
     return model
@@ -223,9 +227,14 @@ def main(argv=None):
                    help="fp8adamw: fp4compile.optim.AdamW, moments in FP8/FP16")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
     p.add_argument("--fp8-comm", action="store_true", help="under torchrun: communicate gradients in FP8")
+    p.add_argument("--dge-k", type=float, help="override the recipe's FP4Config.dge_k (ablation)")
+    p.add_argument("--occ-quantile", type=float, help="override the recipe's FP4Config.occ_quantile (ablation)")
     args = p.parse_args(argv)
     if args.recipe != "bf16" and args.recipe not in fp4compile.RECIPES:
         p.error(f"unknown recipe {args.recipe!r}; choose bf16 or one of {sorted(fp4compile.RECIPES)}")
+    overrides = {k: v for k, v in (("dge_k", args.dge_k), ("occ_quantile", args.occ_quantile)) if v is not None}
+    if overrides and args.recipe == "bf16":
+        p.error("--dge-k and --occ-quantile apply to FP4 recipes, not bf16")
 
     rank, world = setup_distributed()
     preset = PRESETS[args.preset]
@@ -240,7 +249,7 @@ def main(argv=None):
     train, val = load_corpus(args.data)
     model = LM(c).to(DEVICE)
     n_params = sum(p.numel() for p in model.parameters())
-    compiled = compile_model(model, args.recipe)
+    compiled = compile_model(model, args.recipe, **overrides)
     if world > 1:
         compiled = parallelize(compiled, args.fsdp, args.fp8_comm)
     hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -254,7 +263,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     header = dict(run=name, recipe=args.recipe, preset=args.preset, model=asdict(c), params=n_params, batch=batch,
                   world=world, parallel="fsdp2" if args.fsdp and world > 1 else "ddp" if world > 1 else None,
-                  optim=args.optim, steps=steps, tokens=steps * step_tokens, lr=args.lr, seed=args.seed,
+                  optim=args.optim, overrides=overrides, steps=steps, tokens=steps * step_tokens, lr=args.lr,
+                  seed=args.seed,
                   device=_device_name(), corpus_tokens=dict(train=train.numel(), val=val.numel()),
                   torch=torch.__version__)
     log = _Log(out if rank == 0 else None)
