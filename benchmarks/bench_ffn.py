@@ -49,6 +49,9 @@ def main():
             model.zero_grad(set_to_none=True)
             fn(x).backward(dy)
 
+        def forward():
+            fn(x)
+
         try:
             start = time.perf_counter()
             step()
@@ -57,10 +60,12 @@ def main():
             rows.append({"variant": variant, "error": short_error(e)})
             continue
         first_s = time.perf_counter() - start
-        slow = variant == "fp4_occ_on"
+        slow = variant in ("fp4_occ_on", "nvidia_nvfp4", "quartet2")
         torch.cuda.reset_peak_memory_stats()
         t = time_ms(step, warmup=1 if slow else 3, iters=3 if slow else args.iters)
-        rows.append({"variant": variant, "ms": t["median_ms"], "spread ms": t["max_ms"] - t["min_ms"],
+        fwd = time_ms(forward, warmup=1, iters=3 if slow else args.iters)["median_ms"]
+        rows.append({"variant": variant, "ms": t["median_ms"], "fwd ms": fwd, "bwd ms": t["median_ms"] - fwd,
+                     "spread ms": t["max_ms"] - t["min_ms"],
                      "TFLOP/s": flop / t["median_ms"] / 1e9, "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
                      "first call s": first_s})
         if variant != "bf16_eager":
@@ -70,7 +75,7 @@ def main():
         if base and "ms" in r:
             r["vs bf16 inductor"] = base / r["ms"]
     title = f"SwiGLU FFN fwd+bwd, {args.tokens} tokens, d={args.dim}, hidden={args.hidden}"
-    print_table(rows, ["variant", "ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB", "first call s", "error"],
+    print_table(rows, ["variant", "ms", "fwd ms", "bwd ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB", "first call s", "error"],
                 title)
     report(args, rows, profiles)
 

@@ -20,7 +20,7 @@ from fp4compile.runtime.quantize import fake_quantize, gemm_operand
         ((10, 0), "nvfp4", "blackwell_fp4"),
         ((10, 0), "vector", "hopper_fp8"),  # FP8 tensor cores on Blackwell too
         ((9, 0), "mxfp4", "hopper_fp8"),
-        ((9, 0), "nvfp4", "emulated"),
+        ((9, 0), "nvfp4", "bf16_exact"),
         (None, "mxfp4", "emulated"),
     ],
 )

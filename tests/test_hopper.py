@@ -21,25 +21,24 @@ needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA GPU with FP8 te
 
 
 @pytest.mark.parametrize(
-    "device, capability, format, mnk, reason",
+    "device, capability, format, mnk, path, reason",
     [
-        ("cuda", (9, 0), "vector", (16384, 14336, 4096), None),
-        ("cuda", (8, 9), "tensor", (100, 32, 48), None),  # M is free
-        ("cpu", None, "vector", (64, 64, 64), "device 'cpu' has no FP8 tensor cores"),
-        ("cuda", (8, 0), "vector", (64, 64, 64), "CUDA capability (8, 0) < sm_89"),
-        ("cuda", None, "vector", (64, 64, 64), "CUDA capability None < sm_89"),
-        ("cuda", (9, 0), "mxfp4", (64, 64, 64), None),  # block scales folded into the FP8 values
-        ("cuda", (9, 0), "nvfp4", (64, 64, 64), "format 'nvfp4': E2M1 values times E4M3 block scales"),
-        ("cuda", (9, 0), "vector", (64, 64, 40), "K=40 is not a multiple of 16"),
-        ("cuda", (9, 0), "vector", (64, 40, 64), "N=40 is not a multiple of 16"),
+        ("cuda", (9, 0), "vector", (16384, 14336, 4096), "hopper_fp8", None),
+        ("cuda", (8, 9), "tensor", (100, 32, 48), "hopper_fp8", None),  # M is free
+        ("cpu", None, "vector", (64, 64, 64), "emulated", "device 'cpu' has no FP8 tensor cores"),
+        ("cuda", (8, 0), "vector", (64, 64, 64), "bf16_exact", "CUDA capability (8, 0) < sm_89"),
+        ("cuda", (7, 5), "vector", (64, 64, 64), "emulated", "CUDA capability (7, 5) < sm_89"),
+        ("cuda", None, "vector", (64, 64, 64), "emulated", "CUDA capability None < sm_89"),
+        ("cuda", (9, 0), "mxfp4", (64, 64, 64), "hopper_fp8", None),  # block scales folded into the FP8 values
+        ("cuda", (9, 0), "nvfp4", (64, 64, 64), "bf16_exact", "format 'nvfp4': E2M1 values times E4M3 block scales"),
+        ("cuda", (9, 0), "vector", (64, 64, 40), "bf16_exact", "K=40 is not a multiple of 16"),
+        ("cuda", (9, 0), "vector", (64, 40, 64), "bf16_exact", "N=40 is not a multiple of 16"),
     ],
 )
-def test_plan(device, capability, format, mnk, reason):
-    path, why = gemm.plan(device, capability, format, *mnk)
-    if reason is None:
-        assert (path, why) == ("hopper_fp8", None)
-    else:
-        assert path == "emulated" and why.startswith(reason), why
+def test_plan(device, capability, format, mnk, path, reason):
+    got, why = gemm.plan(device, capability, format, *mnk)
+    assert got == path
+    assert why == reason if reason is None else why.startswith(reason), why
 
 
 def _t(shape, dtype, device="cpu"):
@@ -171,7 +170,9 @@ def test_scaled_gemm_dispatches_to_hopper(monkeypatch):
         ((64, 32), E4M3, (40, 32), E4M3, "N=40"),
     ],
 )
-def test_fallbacks_on_cuda_give_the_emulation(a_shape, a_dtype, b_shape, b_dtype, reason):
+def test_fallbacks_on_cuda(a_shape, a_dtype, b_shape, b_dtype, reason):
+    """Operands _scaled_mm refuses: FP8 ones take the exact BF16 GEMM (FP32 accumulation), float32 ones
+    the emulation; both within FP32-accumulation rounding of the float64 product."""
     a = torch.randn(a_shape, device="cuda").to(a_dtype)
     b = torch.randn(b_shape, device="cuda").to(b_dtype)
     sa, sb = torch.rand(*a_shape[:-1], 1, device="cuda"), torch.rand(*b_shape[:-1], 1, device="cuda")
@@ -180,7 +181,23 @@ def test_fallbacks_on_cuda_give_the_emulation(a_shape, a_dtype, b_shape, b_dtype
         assert not ok and reason in why, why
     else:
         assert not ok and "sm_89" in why
-    assert torch.equal(gemm.scaled_gemm(a, sa, b, sb), gemm.emulated(a, sa, b, sb))
+    assert (gemm.bf16_reason(a, b) is None) == (a_dtype != torch.float32)
+    _check_against_float64(gemm.scaled_gemm(a, sa, b, sb), a, sa, b, sb, (a_shape[-1] + 3) * 2.0**-24)
+
+
+@needs_cuda
+@pytest.mark.parametrize("batched", [False, True])
+def test_nvfp4_operands_take_the_exact_bf16_gemm(batched):
+    """NVFP4 values times E4M3 block scales arrive in BF16 (exact): a BF16 GEMM with FP32 output multiplies
+    them within FP32-accumulation rounding of the float64 product, here and in the emulation."""
+    g = torch.Generator("cuda").manual_seed(0)
+    shape_a, shape_b = ((3, 96, 256), (3, 80, 256)) if batched else ((96, 256), (80, 256))
+    va, sa = gemm_operand(torch.randn(shape_a, device="cuda", generator=g), "nvfp4")
+    vb, sb = gemm_operand(torch.randn(shape_b, device="cuda", generator=g), "nvfp4")
+    assert va.dtype == torch.bfloat16 and gemm.bf16_reason(va, vb) is None
+    bound = (256 + 3) * 2.0**-24
+    _check_against_float64(gemm.scaled_gemm(va, sa, vb, sb), va, sa, vb, sb, bound)
+    _check_against_float64(gemm.emulated(va, sa, vb, sb), va, sa, vb, sb, bound)
 
 
 def _planted_ties(rows, k, dtype, generator):

@@ -5,12 +5,15 @@ Along the last dim of x (already rotated by a randomized Hadamard transform in g
 1. NVFP4 scales with headroom, as the authors' code sets them: a 16-block's amax maps to
    6 / ((17/16) * 0.93) (slightly above 6: the largest value saturates to 6), and the FP32 tensor scale
    maps the tensor's amax to a block scale of 255.99 instead of 448, leaving E4M3 room for step 3.
+   Constant divisors are multiplies by their FP32 reciprocal (as in quantize.py), so CPU, CUDA and the
+   Triton kernel (kernels/rotate_quantize.py) compute the same scales.
 2. Values rounded to nearest E2M1 in the scaled domain.
 3. Per rotation group, the EDEN correction c = <x, x> / <x, Q(x)> (both in the scaled domain) multiplies
    the group's block scales, and each corrected scale is rounded stochastically to one of its two
    neighbouring E4M3 values (probabilities linear in the distance), so the expectation keeps c exactly.
 
-The result is returned dequantized (the values an NVFP4 GEMM would multiply), in FP32.
+``ms_eden_operand`` returns what an NVFP4 GEMM multiplies (values times block scales, and the tensor
+scale); ``ms_eden`` their product in FP32.
 """
 
 import torch
@@ -43,18 +46,23 @@ def stochastic_e4m3(s: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.where(rand < p_up, up, down)
 
 
-def ms_eden(x: torch.Tensor, group: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
-    """MS-EDEN fake quantization of x along its last dim (size a multiple of ``group``, a multiple of 16)."""
+def tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """MS-EDEN's FP32 tensor scale: maps the tensor's amax to a block scale of BLOCK_SCALE_TOP, defined as
+    a multiply by fl32(1 / (BLOCK_SCALE_TOP * 6 / SCALE_OVERRIDE)) so every device computes the same bits."""
+    return torch.where(amax > 0, amax * (SCALE_OVERRIDE / (BLOCK_SCALE_TOP * 6.0)), 1.0)
+
+
+def ms_eden_operand(x: torch.Tensor, group: int = 128, generator: torch.Generator | None = None):
+    """MS-EDEN quantization of x along its last dim (size a multiple of ``group``, a multiple of 16), as a
+    GEMM operand: (E2M1 values times their corrected E4M3 block scales, exact in BF16; FP32 tensor scale)."""
     if group % BLOCK or x.shape[-1] % group:
         raise ValueError(f"ms_eden needs the last dim ({x.shape[-1]}) to be a multiple of the rotation group "
                          f"({group}), itself a multiple of {BLOCK}")
-    val_max = 6.0 / SCALE_OVERRIDE
     xb = x.float().unflatten(-1, (-1, BLOCK))  # [..., blocks, 16]
-    amax = x.float().abs().amax()
-    tensor_scale = torch.where(amax > 0, amax / BLOCK_SCALE_TOP / val_max, 1.0)
-    block = (xb.abs().amax(-1, keepdim=True) / val_max / tensor_scale).to(torch.float8_e4m3fn).float()
+    ts = tensor_scale(x.float().abs().amax())
+    block = (xb.abs().amax(-1, keepdim=True) * (SCALE_OVERRIDE / 6.0) / ts).to(torch.float8_e4m3fn).float()
     block = torch.where(block == 0, 1.0, block)  # an all-zero block: any scale, values are 0
-    scaled = xb / (block * tensor_scale)
+    scaled = xb / (block * ts)
     values = round_to_e2m1(scaled)
     per_group = group // BLOCK
     grouped = lambda t: t.unflatten(-2, (-1, per_group))  # noqa: E731  [..., groups, blocks per group, 16]
@@ -63,4 +71,10 @@ def ms_eden(x: torch.Tensor, group: int = 128, generator: torch.Generator | None
     correction = torch.where(den == 0, 1.0, num / den)
     corrected = (grouped(block) * correction).clamp(max=E4M3_MAX).flatten(-3, -2)
     scales = stochastic_e4m3(corrected, generator)
-    return (values * scales * tensor_scale).flatten(-2)
+    return (values * scales).flatten(-2).to(torch.bfloat16), ts
+
+
+def ms_eden(x: torch.Tensor, group: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
+    """MS-EDEN fake quantization of x along its last dim: the dequantized values, in FP32."""
+    values, ts = ms_eden_operand(x, group, generator)
+    return values.float() * ts

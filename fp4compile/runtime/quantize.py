@@ -196,17 +196,19 @@ def _fold_mx_rows(values: torch.Tensor, scale: torch.Tensor):
     return folded, row_max * 2.0**-_MX_FOLD_TOP
 
 
-def fake_quantize_tiles(w: torch.Tensor, tile: int = 16) -> torch.Tensor:
-    """NVFP4 fake quantization of a 2-D weight in tile x tile blocks (one E4M3 scale per tile, one FP32
-    tensor scale), as NVIDIA's recipe quantizes weights: w and w.T quantize identically, so the forward's
-    weight serves the backward's dX GEMM as it is."""
+def tiles_operand(w: torch.Tensor, tile: int = 16):
+    """NVFP4 quantization of a 2-D weight in tile x tile blocks (one E4M3 scale per tile, one FP32 tensor
+    scale), as NVIDIA's recipe quantizes weights: w and w.T quantize identically, so the forward's weight
+    serves the backward's dX GEMM as it is. Returns (E2M1 values times tile scales in BF16, exact; tensor
+    scale), the form of ``gemm_operand``."""
     if w.dim() != 2 or w.shape[0] % tile or w.shape[1] % tile:
         raise ValueError(f"16x16-tile quantization needs a 2-D weight with both sizes multiples of {tile}, "
                          f"got {tuple(w.shape)}; pad the layer or exclude it")
     n, k = w.shape
     tiles = w.float().reshape(n // tile, tile, k // tile, tile).transpose(1, 2).reshape(n // tile, k // tile, -1)
-    values, scale, _, _ = quantize_blocked(tiles, get_format("nvfp4"))
-    return (values * scale).reshape(n // tile, k // tile, tile, tile).transpose(1, 2).reshape(n, k).to(w.dtype)
+    values, _, stored, tensor_scale = quantize_blocked(tiles, get_format("nvfp4"))
+    values = (values * stored.float()).reshape(n // tile, k // tile, tile, tile).transpose(1, 2).reshape(n, k)
+    return values.to(torch.bfloat16), tensor_scale
 
 
 def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", generator=None):
@@ -222,8 +224,9 @@ def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", genera
     - "mxfp4": each row's power-of-two block scales are folded into the values relative to the row's
       largest, also in float8_e4m3fn, so MXFP4 runs on FP8 tensor cores too. Exact (fake_quantize(x) ==
       values * outer) unless a block's scale is below 2^-14 of the row's largest; see _fold_mx_rows.
-    - "nvfp4": E2M1 values times E4M3 block scales, in float32 (exact in bfloat16 too): these products
-      need up to 7 significant bits, more than FP8 holds.
+    - "nvfp4": E2M1 values times E4M3 block scales, in bfloat16: these products need up to 6 significant
+      bits, more than FP8 holds and fewer than BF16's 8, so they are exact there (and a BF16 GEMM with
+      FP32 accumulation multiplies them exactly).
     """
     fmt = get_format(format)
     check_input(x, fmt, -1)
@@ -235,7 +238,7 @@ def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", genera
     if fmt.name == "mxfp4":
         folded, outer = _fold_mx_rows(values, scale)
         return folded.reshape(x.shape), outer.reshape(*x.shape[:-1], 1)
-    return (values * stored.float()).reshape(x.shape), tensor_scale
+    return (values * stored.float()).reshape(x.shape).to(torch.bfloat16), tensor_scale
 
 
 def scaled_domain(x: torch.Tensor, format: str) -> torch.Tensor:

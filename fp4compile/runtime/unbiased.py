@@ -1,6 +1,8 @@
 """The unbiased NVFP4 recipes (method.md, "Unbiased NVFP4 training"): all three GEMMs of a matmul in NVFP4,
-Y = A @ B^T (+ bias) with A [..., M, K] and B [..., N, K], in exact emulation (FP32 GEMMs of the
-dequantized values, which every device multiplies exactly).
+Y = A @ B^T (+ bias) with A [..., M, K] and B [..., N, K]. Every operand is held as E2M1 values times
+E4M3 block scales in BF16 (exact) with an FP32 tensor scale apart, so ``gemm.scaled_gemm`` multiplies
+it exactly: on a CUDA GPU as a BF16 tensor-core GEMM with FP32 output, elsewhere by the FP32 emulation.
+On CUDA the gradient operands are rotated and quantized in one Triton pass (kernels/rotate_quantize.py).
 
 Forward, both recipes: activation operands in 1x16 blocks along K, weight operands in 16x16 tiles (so a
 weight and its transpose quantize alike), round to nearest.
@@ -17,20 +19,18 @@ torch 2.13), which breaks the rotation's cancellation; inside the op the draws h
 
 import torch
 
-from fp4compile.runtime.eden import ms_eden
-from fp4compile.runtime.hadamard import random_signs, rht
-from fp4compile.runtime.quantize import fake_quantize, fake_quantize_tiles
+from fp4compile.runtime.gemm import scaled_gemm
+from fp4compile.runtime.hadamard import random_signs
+from fp4compile.runtime.kernels import rotate_quantize as rq
+from fp4compile.runtime.quantize import gemm_operand, tiles_operand
 
 
-def forward_operand(x: torch.Tensor, is_weight: bool) -> torch.Tensor:
-    """The forward's NVFP4 operand (FP32): 16x16 tiles for a 2-D weight, else 1x16 blocks along K."""
+def forward_operand(x: torch.Tensor, is_weight: bool):
+    """The forward's NVFP4 operand as (values x block scales in BF16, tensor scale): 16x16 tiles for a 2-D
+    weight, else 1x16 blocks along K."""
     if is_weight and x.dim() == 2:
-        return fake_quantize_tiles(x.float())
-    return fake_quantize(x.float(), "nvfp4")
-
-
-def _sr(x: torch.Tensor) -> torch.Tensor:
-    return fake_quantize(x, "nvfp4", rounding="stochastic")
+        return tiles_operand(x)
+    return gemm_operand(x.float(), "nvfp4")
 
 
 def _check(size: int, group: int, what: str) -> None:
@@ -39,24 +39,40 @@ def _check(size: int, group: int, what: str) -> None:
                          f"is {size}; use a multiple of {group} (e.g. pad the batch) or a smaller hadamard_group")
 
 
+def rotate_quantize(x: torch.Tensor, signs: torch.Tensor, rounding: str):
+    """x rotated along its last dim and quantized to NVFP4 (``rounding``: "nearest", "stochastic" or
+    "eden"), as (values x block scales in BF16, tensor scale): one fused Triton pass on CUDA, the reference
+    elsewhere. Leading dims share the tensor scale, so they are flattened into rows."""
+    if x.is_cuda and rq.HAS_TRITON:
+        values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding)
+        return values.reshape(x.shape), tensor_scale
+    return rq.reference(x, signs, rounding)
+
+
 @torch.library.custom_op("fp4compile::unbiased_grad_gemm", mutates_args=())
-def grad_gemm(p: torch.Tensor, q: torch.Tensor, recipe: str, group: int, over_tokens: bool) -> torch.Tensor:
-    """p [..., P, R] @ q [..., Q, R]^T estimated as ``recipe`` does, R the reduction dim: ``p`` the
-    gradient side, ``q`` the saved operand (the forward's B_q for dA; A_q, or A for "nvidia", for dB,
-    whose reduction dim is the tokens)."""
+def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: str, group: int,
+              over_tokens: bool) -> torch.Tensor:
+    """p [..., P, R] @ (q * q_scale) [..., Q, R]^T estimated as ``recipe`` does, R the reduction dim, in FP32:
+    ``p`` the gradient side, ``q * q_scale`` the saved operand (the forward's B_q for dA; A_q, or A for
+    "nvidia", for dB, whose reduction dim is the tokens)."""
     if recipe == "quartet2":
         _check(p.shape[-1], group, "the reduction dim")
         signs = random_signs(group, device=p.device)
-        return ms_eden(rht(p, signs), group) @ ms_eden(rht(q, signs), group).mT
+        pv, ps = rotate_quantize(p, signs, "eden")
+        qv, qs = rotate_quantize(q.float() * q_scale, signs, "eden")
+        return scaled_gemm(pv, ps, qv, qs)
     if not over_tokens:  # nvidia's dA: the saved B_q as it is, the gradient rounded stochastically
-        return _sr(p) @ q.mT
+        pv, ps = gemm_operand(p, "nvfp4", "stochastic")
+        return scaled_gemm(pv, ps, q, q_scale)
     _check(p.shape[-1], group, "the tokens")
     signs = random_signs(group, device=p.device)
-    return _sr(rht(p, signs)) @ fake_quantize(rht(q, signs), "nvfp4").mT
+    pv, ps = rotate_quantize(p, signs, "stochastic")
+    qv, qs = rotate_quantize(q.float() * q_scale, signs, "nearest")
+    return scaled_gemm(pv, ps, qv, qs)
 
 
 @grad_gemm.register_fake
-def _(p, q, recipe, group, over_tokens):
+def _(p, q, q_scale, recipe, group, over_tokens):
     return p.new_empty((*p.shape[:-1], q.shape[-2]), dtype=torch.float32)
 
 
@@ -64,19 +80,22 @@ class UnbiasedMatmulNT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, bias, spec):
         cfg = spec.config
-        aq, bq = forward_operand(a, spec.a_is_weight), forward_operand(b, spec.b_is_weight)
-        y = aq @ bq.mT
-        if bias is not None:
-            y = y + bias.float()
+        with torch.autocast(a.device.type, enabled=False):
+            (va, sa), (vb, sb) = forward_operand(a, spec.a_is_weight), forward_operand(b, spec.b_is_weight)
+            y = scaled_gemm(va, sa, vb, sb)
+            if bias is not None:
+                y = y + bias.float()
         # nvidia's dB re-quantizes the unquantized A after its rotation; quartet2 rotates A_q.
-        ctx.save_for_backward(a if cfg.backward == "nvidia" else aq, bq)
+        if cfg.backward == "nvidia":
+            va, sa = a, sa.new_ones(())
+        ctx.save_for_backward(va, sa, vb, sb)
         ctx.spec = spec
         ctx.meta = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
         return y.to(spec.out_dtype or a.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        a_saved, bq = ctx.saved_tensors
+        va, sa, vb, sb = ctx.saved_tensors
         cfg = ctx.spec.config
         a_shape, a_dtype, b_shape, b_dtype, bias_meta = ctx.meta
         need_a, need_b, need_bias, _ = ctx.needs_input_grad
@@ -84,10 +103,10 @@ class UnbiasedMatmulNT(torch.autograd.Function):
         da = db = dbias = None
         with torch.autocast(dy.device.type, enabled=False):
             if need_a:  # dA [M, K] = dY [M, N] @ B_q [N, K]: reduce over N
-                da = grad_gemm(g, bq.mT.contiguous(), cfg.backward, cfg.hadamard_group, False)
+                da = grad_gemm(g, vb.mT.contiguous(), sb, cfg.backward, cfg.hadamard_group, False)
                 da = da.sum_to_size(a_shape).to(a_dtype)
             if need_b:  # dB [N, K] = dY^T [N, M] @ A [M, K]: reduce over the tokens M
-                db = grad_gemm(g.mT.contiguous(), a_saved.float().mT.contiguous(), cfg.backward, cfg.hadamard_group, True)
+                db = grad_gemm(g.mT.contiguous(), va.mT.contiguous(), sa, cfg.backward, cfg.hadamard_group, True)
                 db = db.sum_to_size(b_shape).to(b_dtype)
             if need_bias:
                 dbias = g.sum_to_size(bias_meta[0]).to(bias_meta[1])

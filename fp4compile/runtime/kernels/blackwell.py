@@ -37,6 +37,8 @@ try:
     import triton
     import triton.language as tl
 
+    from fp4compile.runtime.kernels.triton_e4m3 import e4m3_rne
+
     HAS_TRITON = True
 except ImportError:  # the CPU emulation and the shape checks still work
     triton = tl = None
@@ -379,16 +381,7 @@ if HAS_TRITON:
             safe_ts = tl.where(ts == 0.0, 1.0, ts)
             bs = tl.math.div_rn(amax * (1.0 / 6.0), safe_ts)
             bs = tl.where(bs > 448.0, 448.0, bs)  # keeps a NaN, as torch's clamp does
-            # Round to E4M3 (nearest, ties to even) in integer arithmetic, not by a float8 cast, so that the
-            # bytes are the same wherever it runs (Triton's interpreter does not round float8 casts).
-            # Normals (>= 2^-6): keep 3 mantissa bits of the FP32 pattern; subnormals: multiples of 2^-9.
-            bits = bs.to(tl.int32, bitcast=True)
-            rbits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
-            sub = (bs * 512.0 + 8388608.0) - 8388608.0  # rint(bs * 2^9), ties to even
-            is_sub = bs < 0.015625
-            bs_q = tl.where(is_sub, sub * 0.001953125, rbits.to(tl.float32, bitcast=True))
-            byte = tl.where(is_sub, sub.to(tl.int32), ((((rbits >> 23) & 0xFF) - 120) << 3) | ((rbits >> 20) & 7))
-            byte = tl.where(bs != bs, 0x7F, byte)  # NaN
+            bs_q, byte = e4m3_rne(bs)
             scale = tl.where(finite, bs_q * ts, float("nan"))
             scale = tl.where(scale == 0.0, float("inf"), scale)  # all-zero blocks round to 0, not NaN
             v = tl.math.div_rn(xb, scale[:, :, None])

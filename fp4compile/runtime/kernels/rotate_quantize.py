@@ -1,0 +1,150 @@
+"""The unbiased recipes' backward operands in one Triton pass each: a randomized Hadamard rotation along
+the rows, then NVFP4 quantization (round to nearest, stochastic rounding, or MS-EDEN), written as
+BF16 values times E4M3 block scales (exact in BF16) with the FP32 tensor scale apart, ready for an exact
+BF16 tensor-core GEMM (``gemm.scaled_gemm``).
+
+The tensor scale needs the amax of the *rotated* tensor, so a launch in AMAX mode rotates and reduces
+first (the rotation is recomputed in the second launch rather than stored: a [G, G] product per group is
+cheaper than a round trip through memory). Stochastic decisions use uniforms drawn by torch (same count,
+shape and generator as the reference draws), so the kernel takes the reference's exact decisions for a
+seed. Numerics against the reference (``reference``): bit-exact whenever the rotation is exact in FP32
+(e.g. integer inputs with groups 16 or 64, whose Hadamard entries are powers of two); otherwise the FP32
+rotation's summation order differs from torch's, and a value that lands within an ulp of a rounding
+boundary may round the other way (tests/test_rotate_quantize.py bounds how often). Finite inputs only.
+"""
+
+import torch
+
+from fp4compile.runtime import eden
+from fp4compile.runtime.hadamard import hadamard_matrix, rht
+from fp4compile.runtime.quantize import gemm_operand, nvfp4_tensor_scale
+
+try:
+    import triton
+    import triton.language as tl
+
+    from fp4compile.runtime.kernels.triton_e4m3 import e4m3_neighbours, e4m3_rne
+
+    HAS_TRITON = True
+except ImportError:
+    triton = tl = None
+    HAS_TRITON = False
+
+ROUNDINGS = ("nearest", "stochastic", "eden")
+_AMAX = 3  # kernel MODE: 0, 1, 2 are the ROUNDINGS
+
+
+def reference(x: torch.Tensor, signs: torch.Tensor, rounding: str, generator=None):
+    """(values x block scales, tensor scale) of x [..., C] rotated along C by ``signs`` and quantized
+    to NVFP4 by ``rounding``: the definition the kernel is tested against."""
+    rotated = rht(x, signs)
+    if rounding == "eden":
+        return eden.ms_eden_operand(rotated, signs.numel(), generator)
+    values, tensor_scale = gemm_operand(rotated, "nvfp4", rounding, generator)
+    return values, tensor_scale
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _e2m1_rne(v):
+        """Nearest E2M1 value (ties to even), saturating at 6: round(|v| / step) * step per binade."""
+        mag = tl.minimum(tl.abs(v), 6.0)
+        step = tl.where(mag < 2.0, 0.5, tl.where(mag < 4.0, 1.0, 2.0))
+        q = ((mag / step + 8388608.0) - 8388608.0) * step  # mag / step: exact (a power of two)
+        return tl.where(v < 0, -q, q)
+
+    @triton.jit
+    def _e2m1_sr(v, u):
+        """E2M1 stochastic rounding with uniform u: up with probability (|v| - lower) / step."""
+        mag = tl.minimum(tl.abs(v), 6.0)
+        step = tl.where(mag < 2.0, 0.5, tl.where(mag < 4.0, 1.0, 2.0))
+        lower = tl.floor(mag / step) * step
+        q = tl.where(u < (mag - lower) / step, lower + step, lower)
+        return tl.where(v < 0, -q, q)
+
+    @triton.jit
+    def _rotate_quantize_kernel(
+        x_ptr, sh_ptr, u_ptr, ts_ptr, out_ptr, amax_ptr,
+        R, stride_x, stride_u, stride_o,
+        G: tl.constexpr,  # the rotation group: one program covers BLOCK_R rows x one group of G columns
+        BLOCK_R: tl.constexpr,
+        MODE: tl.constexpr,  # 0 nearest, 1 stochastic, 2 MS-EDEN, 3 amax of the rotated tensor only
+        INV_VAL_MAX: tl.constexpr,  # fl32(1 / the scaled amax a block maps to): 1/6, or MS-EDEN's
+    ):
+        pid_r = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_g * G + tl.arange(0, G)
+        mask = rows[:, None] < R
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        j = tl.arange(0, G)
+        sh = tl.load(sh_ptr + j[:, None] * G + j[None, :])  # diag(signs) @ H
+        y = tl.dot(x, sh, input_precision="ieee")
+        if MODE == 3:
+            tl.store(amax_ptr + pid_r * tl.num_programs(1) + pid_g, tl.max(tl.max(tl.abs(y), axis=1), axis=0))
+        else:
+            ts = tl.load(ts_ptr)
+            yb = tl.reshape(y, (BLOCK_R, G // 16, 16))
+            amax = tl.max(tl.abs(yb), axis=2)
+            safe_ts = tl.where(ts == 0.0, 1.0, ts)
+            bs = tl.math.div_rn(amax * INV_VAL_MAX, safe_ts)
+            bs, _ = e4m3_rne(tl.minimum(bs, 448.0))
+            if MODE == 2:
+                bs = tl.where(bs == 0.0, 1.0, bs)  # an all-zero block: any scale, its values are 0
+            scale = bs * ts
+            scale = tl.where(scale == 0.0, float("inf"), scale)  # zero blocks round to 0, not NaN
+            v = tl.math.div_rn(yb, scale[:, :, None])
+            blocks = pid_g * (G // 16) + tl.arange(0, G // 16)
+            u_offs = rows[:, None] * stride_u + blocks[None, :]
+            if MODE == 1:
+                u = tl.load(u_ptr + u_offs[:, :, None] * 16 + tl.arange(0, 16)[None, None, :],
+                            mask=mask[:, :, None], other=0.0)
+                out = _e2m1_sr(v, u) * bs[:, :, None]
+            else:
+                q = _e2m1_rne(v)
+                if MODE == 2:
+                    # EDEN: per row's group, scale by <v, v> / <v, q>, rounded stochastically onto E4M3.
+                    num = tl.sum(tl.sum(v * v, axis=2), axis=1)
+                    den = tl.sum(tl.sum(v * q, axis=2), axis=1)
+                    corr = tl.where(den == 0.0, 1.0, tl.math.div_rn(num, tl.where(den == 0.0, 1.0, den)))
+                    corrected = tl.minimum(bs * corr[:, None], 448.0)
+                    down, up = e4m3_neighbours(corrected)
+                    p_up = tl.math.div_rn(corrected - down, up - down)
+                    u = tl.load(u_ptr + u_offs, mask=mask, other=0.0)
+                    bs = tl.where(u < p_up, up, down)
+                out = q * bs[:, :, None]
+            out = tl.reshape(out, (BLOCK_R, G))
+            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(tl.bfloat16), mask=mask)
+
+
+def rotate_quantize(x: torch.Tensor, signs: torch.Tensor, rounding: str, generator=None, kernel=None,
+                    BLOCK_R: int = 64):
+    """:func:`reference` of a 2-D x [R, C] (C a multiple of len(signs)) in two launches of the kernel.
+    ``kernel`` overrides the launched function (an interpreted copy in CPU tests)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    group = signs.numel()
+    rows, cols = x.shape
+    if cols % group:
+        raise ValueError(f"the rotated dim has size {cols}, not a multiple of the Hadamard group {group}")
+    kernel = kernel or _rotate_quantize_kernel
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    sh = (signs.float().to(x.device)[:, None] * hadamard_matrix(group, x.device)).contiguous()
+    grid = (triton.cdiv(rows, BLOCK_R), cols // group)
+    inv_val_max = eden.SCALE_OVERRIDE / 6.0 if rounding == "eden" else 1.0 / 6.0
+    partial = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=x.device)
+    common = dict(G=group, BLOCK_R=BLOCK_R, INV_VAL_MAX=inv_val_max)
+    kernel[grid](x, sh, None, None, None, partial, rows, x.stride(0), 0, 0, MODE=_AMAX, **common)
+    amax = partial.amax() if partial.numel() else partial.new_zeros(())
+    tensor_scale = eden.tensor_scale(amax) if rounding == "eden" else nvfp4_tensor_scale(amax)
+    uniforms = None
+    if rounding == "stochastic":
+        uniforms = torch.rand((rows, cols), generator=generator, device=x.device)
+    elif rounding == "eden":
+        uniforms = torch.rand((rows, cols // eden.BLOCK), generator=generator, device=x.device)
+    out = torch.empty((rows, cols), dtype=torch.bfloat16, device=x.device)
+    stride_u = 0 if uniforms is None else uniforms.stride(0) // (16 if rounding == "stochastic" else 1)
+    kernel[grid](x, sh, uniforms, tensor_scale, out, partial, rows, x.stride(0), stride_u, out.stride(0),
+                 MODE=ROUNDINGS.index(rounding), **common)
+    return out, tensor_scale

@@ -1,0 +1,95 @@
+"""The fused rotate + NVFP4 quantize Triton kernel against its reference (kernels/rotate_quantize.py):
+on CPU in Triton's interpreter (in a subprocess: the interpreter must be chosen before triton is
+imported), and on a CUDA device.
+
+Bit-exact where the rotation is exact in FP32 (integer inputs, groups 16 and 64: Hadamard entries 1/4 and
+1/8); on general inputs the rotation's FP32 sums run in another order than torch's, and a value within an
+ulp of a rounding boundary may round the other way, so there the test bounds the fraction of differing
+values. Run as ``TRITON_INTERPRET=1 python tests/test_rotate_quantize.py``, this file prints the
+interpreter results as JSON.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fp4compile.runtime.hadamard import random_signs  # noqa: E402
+from fp4compile.runtime.kernels import rotate_quantize as rq  # noqa: E402
+
+EXACT_CASES = [(rounding, group) for rounding in rq.ROUNDINGS for group in (16, 64)]
+GENERAL_CASES = [(rounding, 128) for rounding in rq.ROUNDINGS]
+MAX_DIFFERING = 1e-3  # fraction of values; observed: 0 to a few 1e-5
+
+
+def _input(exact: bool, device: str, rows: int = 200, cols: int = 256) -> torch.Tensor:
+    """Rows at different magnitudes (block scales down to E4M3's subnormals), one all-zero block, and a
+    ragged row count (not a multiple of the kernel's BLOCK_R)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, cols, generator=gen) * 4
+    if exact:
+        x = x.round()
+    x = x * torch.exp2(torch.randint(-12, 3, (rows, 1), generator=gen).float())
+    x[3, :16] = 0
+    return x.to(device)
+
+
+def _compare(rounding: str, group: int, exact: bool, device: str) -> dict:
+    x = _input(exact, device)
+    signs = random_signs(group, generator=torch.Generator().manual_seed(group)).to(device)
+    ref_v, ref_s = rq.reference(x, signs, rounding, torch.Generator(device).manual_seed(5))
+    got_v, got_s = rq.rotate_quantize(x, signs, rounding, torch.Generator(device).manual_seed(5))
+    return dict(dtype=str(got_v.dtype), same_scale=bool(torch.equal(ref_s.float(), got_s.float())),
+                differing=float((ref_v.float() != got_v.float()).float().mean()))
+
+
+def _all_cases(device: str) -> dict:
+    cases = {f"{r} g{g} exact": (r, g, True) for r, g in EXACT_CASES}
+    cases.update({f"{r} g{g} general": (r, g, False) for r, g in GENERAL_CASES})
+    return {name: _compare(r, g, exact, device) for name, (r, g, exact) in cases.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _run_interpreter() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check(results: dict) -> None:
+    assert len(results) == len(EXACT_CASES) + len(GENERAL_CASES)
+    for name, r in results.items():
+        assert r["dtype"] == "torch.bfloat16", name
+        if name.endswith("exact"):
+            assert r["same_scale"] and r["differing"] == 0, (name, r)
+        else:
+            assert r["differing"] <= MAX_DIFFERING, (name, r)
+
+
+def test_interpreter_matches_reference():
+    _check(_run_interpreter())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_matches_reference():
+    results = _all_cases("cuda")
+    print(json.dumps(results))
+    _check(results)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        rq.rotate_quantize(torch.zeros(4, 16), torch.ones(16), "up")
+    with pytest.raises(ValueError, match="not a multiple of the Hadamard group 32"):
+        rq.rotate_quantize(torch.zeros(4, 48), torch.ones(32), "nearest")
+
+
+if __name__ == "__main__":
+    print(json.dumps(_all_cases("cpu")))
