@@ -14,6 +14,7 @@ from conftest import rewritten
 import fp4compile
 from fp4compile import FP4Config
 from fp4compile.dynamo_backend import fp4_backend
+from fp4compile.passes.find_sites import clean_fqn
 
 
 def _mlp(d_in=64):
@@ -64,6 +65,15 @@ def test_include_exclude_filters():
     assert "not matched by config.include" in report["sites"][0]["reason"]
     report, _ = rewritten(model, x, config=FP4Config(exclude=lambda fqn: fqn == "0"))
     assert [s["status"] for s in report["sites"]] == ["skipped", "fp4"]
+
+
+@pytest.mark.parametrize("path", [
+    "L['self']._modules['block']._modules['fc']", "L['self'].block.fc", "L['args'][0].block.fc",
+    "L['self']._modules['block']._parameters['fc']",
+])
+def test_module_paths_from_dynamo_sources_become_fqns(path):
+    # L['args'][0]: transformers 5.2x wraps forward in a decorator, so the module arrives as the first positional arg.
+    assert clean_fqn(path) == "block.fc"
 
 
 def test_unsupported_sites_keep_the_original_op_with_a_reason():

@@ -52,12 +52,13 @@ class Site:
             self.status, self.reason = "skipped", reason
 
 
-_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")
+# The root is the module itself: L['self'], or L['args'][0] when a decorator wraps forward (transformers >= 5.2x).
+_ROOT = re.compile(r"^[LG]\['[^']*'\](\[\d+\])*\.?")
 _MODULES = re.compile(r"\._modules\['([^']*)'\]|\._parameters\['([^']*)'\]|\._buffers\['([^']*)'\]")
 
 
 def clean_fqn(path: str) -> str:
-    """Dynamo's source path ("L['self']._modules['fc']", "L['self'].fc") -> the FQN ("fc")."""
+    """Dynamo's source path ("L['self']._modules['fc']", "L['self'].fc", "L['args'][0].fc") -> the FQN ("fc")."""
     path = _MODULES.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
     return _ROOT.sub("", path).lstrip(".")
 
