@@ -3,7 +3,7 @@ on CPU in Triton's interpreter (in a subprocess: the interpreter must be chosen 
 imported), and on a CUDA device.
 
 Bit-exact where the rotation is exact in FP32 (integer inputs, groups 16 and 64: Hadamard entries 1/4 and
-1/8); on general inputs the rotation's FP32 sums run in another order than torch's, and a value within an
+1/8) or absent (nvidia's unrotated dA operand, any input); on rotated general inputs the rotation's FP32 sums run in another order than torch's, and a value within an
 ulp of a rounding boundary may round the other way, so there the test bounds the fraction of differing
 values. Run as ``TRITON_INTERPRET=1 python tests/test_rotate_quantize.py``, this file prints the
 interpreter results as JSON.
@@ -23,8 +23,9 @@ triton = pytest.importorskip("triton")
 from fp4compile.runtime.hadamard import random_signs  # noqa: E402
 from fp4compile.runtime.kernels import rotate_quantize as rq  # noqa: E402
 
-EXACT_CASES = [(rounding, group) for rounding in rq.ROUNDINGS for group in (16, 64)]
-GENERAL_CASES = [(rounding, 128) for rounding in rq.ROUNDINGS]
+# (rounding, group: None = not rotated, integer input); exact cases must match bit for bit.
+EXACT_CASES = [(r, g, True) for r in rq.ROUNDINGS for g in (16, 64)] + [(r, None, False) for r in rq.ROUNDINGS[:2]]
+GENERAL_CASES = [(rounding, 128, False) for rounding in rq.ROUNDINGS]
 MAX_DIFFERING = 1e-3  # fraction of values; observed: 0 to a few 1e-5
 
 
@@ -40,9 +41,9 @@ def _input(exact: bool, device: str, rows: int = 200, cols: int = 256) -> torch.
     return x.to(device)
 
 
-def _compare(rounding: str, group: int, exact: bool, device: str) -> dict:
-    x = _input(exact, device)
-    signs = random_signs(group, generator=torch.Generator().manual_seed(group)).to(device)
+def _compare(rounding: str, group: int | None, integer: bool, device: str) -> dict:
+    x = _input(integer, device)
+    signs = None if group is None else random_signs(group, generator=torch.Generator().manual_seed(group)).to(device)
     ref_v, ref_s = rq.reference(x, signs, rounding, torch.Generator(device).manual_seed(5))
     got_v, got_s = rq.rotate_quantize(x, signs, rounding, torch.Generator(device).manual_seed(5))
     return dict(dtype=str(got_v.dtype), same_scale=bool(torch.equal(ref_s.float(), got_s.float())),
@@ -50,9 +51,9 @@ def _compare(rounding: str, group: int, exact: bool, device: str) -> dict:
 
 
 def _all_cases(device: str) -> dict:
-    cases = {f"{r} g{g} exact": (r, g, True) for r, g in EXACT_CASES}
-    cases.update({f"{r} g{g} general": (r, g, False) for r, g in GENERAL_CASES})
-    return {name: _compare(r, g, exact, device) for name, (r, g, exact) in cases.items()}
+    cases = {f"{r} g{g} exact": case for case in EXACT_CASES for r, g, _ in [case]}
+    cases.update({f"{r} g{g} general": case for case in GENERAL_CASES for r, g, _ in [case]})
+    return {name: _compare(*case, device) for name, case in cases.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,6 +90,10 @@ def test_rejects_bad_arguments():
         rq.rotate_quantize(torch.zeros(4, 16), torch.ones(16), "up")
     with pytest.raises(ValueError, match="not a multiple of the Hadamard group 32"):
         rq.rotate_quantize(torch.zeros(4, 48), torch.ones(32), "nearest")
+    with pytest.raises(ValueError, match="pass the rotation's signs"):
+        rq.rotate_quantize(torch.zeros(4, 16), None, "eden")
+    with pytest.raises(ValueError, match="not a multiple of the NVFP4 block 16"):
+        rq.rotate_quantize(torch.zeros(4, 24), None, "nearest")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Y = A @ B^T (+ bias) with A [..., M, K] and B [..., N, K]. Every operand is held as E2M1 values times
 E4M3 block scales in BF16 (exact) with an FP32 tensor scale apart, so ``gemm.scaled_gemm`` multiplies
 it exactly: on a CUDA GPU as a BF16 tensor-core GEMM with FP32 output, elsewhere by the FP32 emulation.
-On CUDA the gradient operands are rotated and quantized in one Triton pass (kernels/rotate_quantize.py).
+On CUDA each gradient operand is (rotated and) quantized in one Triton pass (kernels/rotate_quantize.py).
 
 Forward, both recipes: activation operands in 1x16 blocks along K, weight operands in 16x16 tiles (so a
 weight and its transpose quantize alike), round to nearest.
@@ -39,9 +39,9 @@ def _check(size: int, group: int, what: str) -> None:
                          f"is {size}; use a multiple of {group} (e.g. pad the batch) or a smaller hadamard_group")
 
 
-def rotate_quantize(x: torch.Tensor, signs: torch.Tensor, rounding: str):
-    """x rotated along its last dim and quantized to NVFP4 (``rounding``: "nearest", "stochastic" or
-    "eden"), as (values x block scales in BF16, tensor scale): one fused Triton pass on CUDA, the reference
+def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str):
+    """x rotated along its last dim (``signs`` None: not rotated) and quantized to NVFP4 (``rounding``:
+    "nearest", "stochastic" or "eden"), as (values x block scales in BF16, tensor scale): one fused Triton pass on CUDA, the reference
     elsewhere. Leading dims share the tensor scale, so they are flattened into rows."""
     if x.is_cuda and rq.HAS_TRITON:
         values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding)
@@ -62,7 +62,7 @@ def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: s
         qv, qs = rotate_quantize(q.float() * q_scale, signs, "eden")
         return scaled_gemm(pv, ps, qv, qs)
     if not over_tokens:  # nvidia's dA: the saved B_q as it is, the gradient rounded stochastically
-        pv, ps = gemm_operand(p, "nvfp4", "stochastic")
+        pv, ps = rotate_quantize(p, None, "stochastic")
         return scaled_gemm(pv, ps, q, q_scale)
     _check(p.shape[-1], group, "the tokens")
     signs = random_signs(group, device=p.device)
@@ -99,7 +99,7 @@ class UnbiasedMatmulNT(torch.autograd.Function):
         cfg = ctx.spec.config
         a_shape, a_dtype, b_shape, b_dtype, bias_meta = ctx.meta
         need_a, need_b, need_bias, _ = ctx.needs_input_grad
-        g = dy.float()
+        g = dy  # the quantizers read it in FP32; an FP32 copy of dY would be one more pass over it
         da = db = dbias = None
         with torch.autocast(dy.device.type, enabled=False):
             if need_a:  # dA [M, K] = dY [M, N] @ B_q [N, K]: reduce over N
@@ -109,5 +109,5 @@ class UnbiasedMatmulNT(torch.autograd.Function):
                 db = grad_gemm(g.mT.contiguous(), va.mT.contiguous(), sa, cfg.backward, cfg.hadamard_group, True)
                 db = db.sum_to_size(b_shape).to(b_dtype)
             if need_bias:
-                dbias = g.sum_to_size(bias_meta[0]).to(bias_meta[1])
+                dbias = g.float().sum_to_size(bias_meta[0]).to(bias_meta[1])
         return da, db, dbias, None

@@ -1,11 +1,13 @@
 """The unbiased recipes' backward operands in one Triton pass each: a randomized Hadamard rotation along
-the rows, then NVFP4 quantization (round to nearest, stochastic rounding, or MS-EDEN), written as
+the rows (or none), then NVFP4 quantization (round to nearest, stochastic rounding, or MS-EDEN), written as
 BF16 values times E4M3 block scales (exact in BF16) with the FP32 tensor scale apart, ready for an exact
 BF16 tensor-core GEMM (``gemm.scaled_gemm``).
 
 The tensor scale needs the amax of the *rotated* tensor, so a launch in AMAX mode rotates and reduces
 first (the rotation is recomputed in the second launch rather than stored: a [G, G] product per group is
-cheaper than a round trip through memory). Stochastic decisions use uniforms drawn by torch (same count,
+cheaper than a round trip through memory). The rotation runs on the tensor cores as three TF32 products
+("tf32x3", about FP32's precision): as an FP32 FMA loop, a 128-group spilled ~20 KB of registers per
+thread and made quartet2's backward 40x slower than BF16's on an H100. Stochastic decisions use uniforms drawn by torch (same count,
 shape and generator as the reference draws), so the kernel takes the reference's exact decisions for a
 seed. Numerics against the reference (``reference``): bit-exact whenever the rotation is exact in FP32
 (e.g. integer inputs with groups 16 or 64, whose Hadamard entries are powers of two); otherwise the FP32
@@ -34,10 +36,10 @@ ROUNDINGS = ("nearest", "stochastic", "eden")
 _AMAX = 3  # kernel MODE: 0, 1, 2 are the ROUNDINGS
 
 
-def reference(x: torch.Tensor, signs: torch.Tensor, rounding: str, generator=None):
-    """(values x block scales, tensor scale) of x [..., C] rotated along C by ``signs`` and quantized
-    to NVFP4 by ``rounding``: the definition the kernel is tested against."""
-    rotated = rht(x, signs)
+def reference(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None):
+    """(values x block scales, tensor scale) of x [..., C] rotated along C by ``signs`` (None: not
+    rotated) and quantized to NVFP4 by ``rounding``: the definition the kernel is tested against."""
+    rotated = x.float() if signs is None else rht(x, signs)
     if rounding == "eden":
         return eden.ms_eden_operand(rotated, signs.numel(), generator)
     values, tensor_scale = gemm_operand(rotated, "nvfp4", rounding, generator)
@@ -69,6 +71,7 @@ if HAS_TRITON:
         R, stride_x, stride_u, stride_o,
         G: tl.constexpr,  # the rotation group: one program covers BLOCK_R rows x one group of G columns
         BLOCK_R: tl.constexpr,
+        ROTATE: tl.constexpr,
         MODE: tl.constexpr,  # 0 nearest, 1 stochastic, 2 MS-EDEN, 3 amax of the rotated tensor only
         INV_VAL_MAX: tl.constexpr,  # fl32(1 / the scaled amax a block maps to): 1/6, or MS-EDEN's
     ):
@@ -78,9 +81,12 @@ if HAS_TRITON:
         cols = pid_g * G + tl.arange(0, G)
         mask = rows[:, None] < R
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        j = tl.arange(0, G)
-        sh = tl.load(sh_ptr + j[:, None] * G + j[None, :])  # diag(signs) @ H
-        y = tl.dot(x, sh, input_precision="ieee")
+        if ROTATE:
+            j = tl.arange(0, G)
+            sh = tl.load(sh_ptr + j[:, None] * G + j[None, :])  # diag(signs) @ H
+            y = tl.dot(x, sh, input_precision="tf32x3")
+        else:
+            y = x
         if MODE == 3:
             tl.store(amax_ptr + pid_r * tl.num_programs(1) + pid_g, tl.max(tl.max(tl.abs(y), axis=1), axis=0))
         else:
@@ -118,23 +124,32 @@ if HAS_TRITON:
             tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(tl.bfloat16), mask=mask)
 
 
-def rotate_quantize(x: torch.Tensor, signs: torch.Tensor, rounding: str, generator=None, kernel=None,
+def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None, kernel=None,
                     BLOCK_R: int = 64):
-    """:func:`reference` of a 2-D x [R, C] (C a multiple of len(signs)) in two launches of the kernel.
-    ``kernel`` overrides the launched function (an interpreted copy in CPU tests)."""
+    """:func:`reference` of a 2-D x [R, C] (C a multiple of len(signs), or of 16 unrotated) in two
+    launches of the kernel. ``kernel`` overrides the launched function (an interpreted copy in CPU tests)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    group = signs.numel()
     rows, cols = x.shape
-    if cols % group:
-        raise ValueError(f"the rotated dim has size {cols}, not a multiple of the Hadamard group {group}")
+    if signs is None:
+        if rounding == "eden":
+            raise ValueError("MS-EDEN's correction is per rotation group: pass the rotation's signs")
+        if cols % 16:
+            raise ValueError(f"the quantized dim has size {cols}, not a multiple of the NVFP4 block 16")
+        group = 64 if cols % 64 == 0 else 16  # columns per program: any multiple of the block
+    else:
+        group = signs.numel()
+        if cols % group:
+            raise ValueError(f"the rotated dim has size {cols}, not a multiple of the Hadamard group {group}")
     kernel = kernel or _rotate_quantize_kernel
     x = x if x.stride(-1) == 1 else x.contiguous()
-    sh = (signs.float().to(x.device)[:, None] * hadamard_matrix(group, x.device)).contiguous()
+    sh = None if signs is None else (signs.float().to(x.device)[:, None] * hadamard_matrix(group, x.device))
     grid = (triton.cdiv(rows, BLOCK_R), cols // group)
     inv_val_max = eden.SCALE_OVERRIDE / 6.0 if rounding == "eden" else 1.0 / 6.0
     partial = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    common = dict(G=group, BLOCK_R=BLOCK_R, INV_VAL_MAX=inv_val_max)
+    # 8 warps hold a 64 x 128 rotation with few spills (checked with cuobjdump -res-usage for sm_90).
+    common = dict(G=group, BLOCK_R=BLOCK_R, ROTATE=signs is not None, INV_VAL_MAX=inv_val_max,
+                  num_warps=8 if group * BLOCK_R >= 8192 else 4)
     kernel[grid](x, sh, None, None, None, partial, rows, x.stride(0), 0, 0, MODE=_AMAX, **common)
     amax = partial.amax() if partial.numel() else partial.new_zeros(())
     tensor_scale = eden.tensor_scale(amax) if rounding == "eden" else nvfp4_tensor_scale(amax)
