@@ -29,7 +29,7 @@ def test_train_lm_smoke_and_plot(tmp_path, recipe):
     assert steps[-1]["loss"] < steps[0]["loss"] and record["val_loss"] == records[-1]["val_loss"]
     plot_runs.main([str(log), "--out", str(tmp_path / "loss.png")])
     assert (tmp_path / "loss.png").stat().st_size > 0
-    assert f"| {recipe} |" in plot_runs.table([plot_runs.read_run(log)])
+    assert f"| {recipe} | 0 |" in plot_runs.table([plot_runs.read_run(log)])
 
 
 def test_data_split_is_deterministic_and_disjoint(tmp_path):
