@@ -15,6 +15,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
 
@@ -22,7 +24,8 @@ from triton.runtime import interpreter  # noqa: E402
 
 from fp4compile.cli import main  # noqa: E402
 from fp4compile.runtime.kernels import blackwell as bw  # noqa: E402
-from fp4compile.runtime.quantize import fake_quantize  # noqa: E402
+from fp4compile.runtime.eden import ms_eden_operand  # noqa: E402
+from fp4compile.runtime.quantize import fake_quantize, gemm_operand, tiles_operand  # noqa: E402
 
 U32 = 2.0**-24  # FP32 unit roundoff
 
@@ -273,6 +276,27 @@ def test_cpu_op_and_compile_match_reference():
     torch.testing.assert_close(compiled(*args), torch.ops.fp4compile.block_scaled_mm(*args), rtol=0, atol=0)
     # Schema, fake tensor and AOT dispatch checks of the custom op (MXFP4: CPU allclose has no float8 kernels).
     torch.library.opcheck(torch.ops.fp4compile.block_scaled_mm.default, args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), shift=st.integers(-24, 12),
+       rounding=st.sampled_from(["nearest", "stochastic", "eden", "tiles"]))
+def test_split_nvfp4_recovers_codes_and_scales_exactly(seed, shift, rounding):
+    """The unbiased recipes hand NVFP4 operands to the native GEMM as BF16 products of values and block
+    scales; split_nvfp4 must find codes and E4M3 scales that decode to exactly those products, for every
+    quantizer that writes them, over magnitudes down to E4M3's subnormal scales, with zero blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 64, generator=gen) * 2.0**shift * torch.rand(32, 1, generator=gen)
+    x[1, :16] = 0
+    if rounding == "eden":
+        values, _ = ms_eden_operand(x, 64, gen)
+    elif rounding == "tiles":
+        values, _ = tiles_operand(x)
+    else:
+        values, _ = gemm_operand(x, "nvfp4", rounding, gen)
+    packed, scales = bw.split_nvfp4(values)
+    assert packed.dtype == torch.uint8 and scales.dtype == torch.float8_e4m3fn and scales.shape == (32, 4)
+    assert torch.equal(bw.unpack_operand(bw.PackedOperand(packed, scales, None, "nvfp4")), values.float())
 
 
 # ---------------------------------------------------------------------------------------------------------

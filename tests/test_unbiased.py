@@ -6,7 +6,9 @@ import torch
 
 import fp4compile
 from fp4compile import FP4Config
+from fp4compile.runtime import gemm
 from fp4compile.runtime.eden import ms_eden
+from fp4compile.runtime.kernels import blackwell
 from fp4compile.runtime.hadamard import random_signs, rht
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 from fp4compile.runtime.quantize import fake_quantize, gemm_operand, tiles_operand
@@ -95,6 +97,34 @@ def test_forward_and_gradient_gemms_match_the_scheme(recipe, device):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         else:
             assert float((got - want).norm() / want.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("b_is_weight", [True, False])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_native_block_scaled_wiring(monkeypatch, recipe, b_is_weight):
+    """With sm_100's native path forced on, every NVFP4 GEMM of the recipe goes through the block-scaled op
+    (on CPU it decodes the packed operands and multiplies in FP32) and gives the emulated results, except
+    nvidia's dA with an activation B: B_q^T is not NVFP4 along N, so that GEMM stays on scaled_gemm."""
+    a, b, dy = _inputs()
+    spec = MatmulSpec(FP4Config.from_recipe_name(recipe), b_is_weight=b_is_weight)
+
+    def run():
+        aa, bb = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        y = fp4_matmul_nt(aa, bb, None, spec)
+        y.backward(dy)
+        return y, aa.grad, bb.grad
+
+    expected = run()
+    calls = []
+    real = blackwell.block_scaled_mm
+    monkeypatch.setattr(gemm, "native_block_reason", lambda *args: None)
+    monkeypatch.setattr(blackwell, "block_scaled_mm", lambda *args, **kw: calls.append(args[6]) or real(*args, **kw))
+    got = run()
+    native = 3 if b_is_weight or recipe == "quartet2" else 2
+    assert calls == ["nvfp4"] * native
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -12,7 +12,8 @@ take the emulation. Every implementation must agree with ``emulated``.
 The paths, by device (``plan`` answers for any device without running anything):
 
     device          vector / tensor / mxfp4       nvfp4
-    sm_100+         forward: blackwell_fp4 (mxfp4, nvfp4: native block-scaled FP4 MMA); else hopper_fp8
+    sm_100+         forward: blackwell_fp4 (mxfp4, nvfp4: native block-scaled FP4 MMA); else hopper_fp8;
+                    the unbiased recipes' NVFP4 backward GEMMs too (``nvfp4_gemm``)
     sm_89, sm_90    hopper_fp8                    bf16_exact
     sm_80           bf16_exact                    bf16_exact
     CPU, older GPU  emulated                      emulated
@@ -93,6 +94,19 @@ def native_block_gemm(a: torch.Tensor, b: torch.Tensor, format: str, out_dtype: 
     from fp4compile.runtime.kernels import blackwell
 
     return blackwell.block_scaled_matmul(a, b, format, out_dtype, quantizer="triton" if a.is_cuda else "reference")
+
+
+def nvfp4_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scaled_gemm`` of NVFP4 operands (E2M1 values times E4M3 block scales in BF16, 0-d FP32 tensor
+    scales) with a 2-D ``b``: on sm_100+ the native block-scaled FP4 MMA on their codes and scales
+    (``blackwell.split_nvfp4`` recovers them exactly), elsewhere ``scaled_gemm``."""
+    if b.dim() != 2 or native_block_reason(a.device.type, _capability(a.device), "nvfp4") is not None:
+        return scaled_gemm(a, a_scale, b, b_scale, out_dtype)
+    from fp4compile.runtime.kernels import blackwell
+
+    (pa, sa), (pb, sb) = blackwell.split_nvfp4(a.reshape(-1, a.shape[-1])), blackwell.split_nvfp4(b)
+    y = blackwell.block_scaled_mm(pa, sa, pb, sb, a_scale.float(), b_scale.float(), "nvfp4", out_dtype)
+    return y.reshape(*a.shape[:-1], b.shape[0])
 
 
 def plan(device_type: str, capability, format: str, m, n, k) -> tuple[str, str | None]:

@@ -1,7 +1,8 @@
 """The unbiased NVFP4 recipes (method.md, "Unbiased NVFP4 training"): all three GEMMs of a matmul in NVFP4,
 Y = A @ B^T (+ bias) with A [..., M, K] and B [..., N, K]. Every operand is held as E2M1 values times
-E4M3 block scales in BF16 (exact) with an FP32 tensor scale apart, so ``gemm.scaled_gemm`` multiplies
-it exactly: on a CUDA GPU as a BF16 tensor-core GEMM with FP32 output, elsewhere by the FP32 emulation.
+E4M3 block scales in BF16 (exact) with an FP32 tensor scale apart, so ``gemm.nvfp4_gemm`` multiplies
+it exactly: on sm_100+ as a native block-scaled FP4 GEMM, on other CUDA GPUs as a BF16 tensor-core GEMM
+with FP32 output, elsewhere by the FP32 emulation.
 On CUDA each gradient operand is (rotated and) quantized in one Triton pass (kernels/rotate_quantize.py).
 
 Forward, both recipes: activation operands in 1x16 blocks along K, weight operands in 16x16 tiles (so a
@@ -19,7 +20,7 @@ torch 2.13), which breaks the rotation's cancellation; inside the op the draws h
 
 import torch
 
-from fp4compile.runtime.gemm import scaled_gemm
+from fp4compile.runtime.gemm import nvfp4_gemm, scaled_gemm
 from fp4compile.runtime.hadamard import random_signs
 from fp4compile.runtime.kernels import rotate_quantize as rq
 from fp4compile.runtime.quantize import gemm_operand, tiles_operand
@@ -51,28 +52,30 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str):
 
 @torch.library.custom_op("fp4compile::unbiased_grad_gemm", mutates_args=())
 def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: str, group: int,
-              over_tokens: bool) -> torch.Tensor:
+              over_tokens: bool, q_tiled: bool) -> torch.Tensor:
     """p [..., P, R] @ (q * q_scale) [..., Q, R]^T estimated as ``recipe`` does, R the reduction dim, in FP32:
     ``p`` the gradient side, ``q * q_scale`` the saved operand (the forward's B_q for dA; A_q, or A for
-    "nvidia", for dB, whose reduction dim is the tokens)."""
+    "nvidia", for dB, whose reduction dim is the tokens). ``q_tiled``: q was quantized in 16x16 tiles, so
+    it is NVFP4 along R too."""
     if recipe == "quartet2":
         _check(p.shape[-1], group, "the reduction dim")
         signs = random_signs(group, device=p.device)
         pv, ps = rotate_quantize(p, signs, "eden")
         qv, qs = rotate_quantize(q.float() * q_scale, signs, "eden")
-        return scaled_gemm(pv, ps, qv, qs)
+        return nvfp4_gemm(pv, ps, qv, qs)
     if not over_tokens:  # nvidia's dA: the saved B_q as it is, the gradient rounded stochastically
         pv, ps = rotate_quantize(p, None, "stochastic")
-        return scaled_gemm(pv, ps, q, q_scale)
+        # Only a tiled B_q is NVFP4 along N (blocks of 16 sharing a scale) for a native FP4 GEMM.
+        return (nvfp4_gemm if q_tiled else scaled_gemm)(pv, ps, q, q_scale)
     _check(p.shape[-1], group, "the tokens")
     signs = random_signs(group, device=p.device)
     pv, ps = rotate_quantize(p, signs, "stochastic")
     qv, qs = rotate_quantize(q.float() * q_scale, signs, "nearest")
-    return scaled_gemm(pv, ps, qv, qs)
+    return nvfp4_gemm(pv, ps, qv, qs)
 
 
 @grad_gemm.register_fake
-def _(p, q, q_scale, recipe, group, over_tokens):
+def _(p, q, q_scale, recipe, group, over_tokens, q_tiled):
     return p.new_empty((*p.shape[:-1], q.shape[-2]), dtype=torch.float32)
 
 
@@ -82,7 +85,7 @@ class UnbiasedMatmulNT(torch.autograd.Function):
         cfg = spec.config
         with torch.autocast(a.device.type, enabled=False):
             (va, sa), (vb, sb) = forward_operand(a, spec.a_is_weight), forward_operand(b, spec.b_is_weight)
-            y = scaled_gemm(va, sa, vb, sb)
+            y = nvfp4_gemm(va, sa, vb, sb)
             if bias is not None:
                 y = y + bias.float()
         # nvidia's dB re-quantizes the unquantized A after its rotation; quartet2 rotates A_q.
@@ -103,10 +106,12 @@ class UnbiasedMatmulNT(torch.autograd.Function):
         da = db = dbias = None
         with torch.autocast(dy.device.type, enabled=False):
             if need_a:  # dA [M, K] = dY [M, N] @ B_q [N, K]: reduce over N
-                da = grad_gemm(g, vb.mT.contiguous(), sb, cfg.backward, cfg.hadamard_group, False)
+                tiled = ctx.spec.b_is_weight and len(b_shape) == 2  # as forward_operand quantized it
+                da = grad_gemm(g, vb.mT.contiguous(), sb, cfg.backward, cfg.hadamard_group, False, tiled)
                 da = da.sum_to_size(a_shape).to(a_dtype)
             if need_b:  # dB [N, K] = dY^T [N, M] @ A [M, K]: reduce over the tokens M
-                db = grad_gemm(g.mT.contiguous(), va.mT.contiguous(), sa, cfg.backward, cfg.hadamard_group, True)
+                db = grad_gemm(g.mT.contiguous(), va.mT.contiguous(), sa, cfg.backward, cfg.hadamard_group, True,
+                               False)
                 db = db.sum_to_size(b_shape).to(b_dtype)
             if need_bias:
                 dbias = g.float().sum_to_size(bias_meta[0]).to(bias_meta[1])

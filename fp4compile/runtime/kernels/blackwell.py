@@ -129,6 +129,24 @@ def from_quantized(q: QuantizedTensor) -> PackedOperand:
     return PackedOperand(q.packed().contiguous(), q.scales.contiguous(), ts, q.format)
 
 
+def split_nvfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 products back into the kernel's layout: ``values`` [R, K] holding E2M1 values times E4M3 block
+    scales (as ``gemm_operand(x, "nvfp4")`` and the unbiased recipes' quantizers write them, in BF16) ->
+    (packed codes [R, K/2], float8_e4m3fn scales [R, K/16]) whose decoded products equal ``values``
+    exactly. A block's scale is max|v| / m for the largest E2M1 magnitude m that reproduces every value
+    of the block (the quantizer's own scale is one such m); an all-zero block gets scale 0. Values that are
+    not such products give a wrong result, unchecked: the check would cost a host sync per GEMM."""
+    blocks = values.float().unflatten(-1, (-1, 16))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale, found = torch.zeros_like(amax), amax == 0
+    for m in (6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5):
+        s = (amax / m).to(torch.float8_e4m3fn).float()
+        fits = ~found & (s > 0) & (e2m1.round_to_e2m1(blocks / s) * s == blocks).all(-1, keepdim=True)
+        scale, found = torch.where(fits, s, scale), found | fits
+    codes = e2m1.encode_e2m1(torch.where(scale > 0, blocks / scale, 0.0)).flatten(-2)
+    return e2m1.pack_e2m1(codes), scale.squeeze(-1).to(torch.float8_e4m3fn)
+
+
 def unpack_operand(op: PackedOperand) -> torch.Tensor:
     """Decode a packed operand to FP32 values times block scales (the tensor scale left out)."""
     fmt = block_format(op.format)
