@@ -42,8 +42,8 @@ def _check(size: int, group: int, what: str) -> None:
 
 def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str):
     """x rotated along its last dim (``signs`` None: not rotated) and quantized to NVFP4 (``rounding``:
-    "nearest", "stochastic" or "eden"), as (values x block scales in BF16, tensor scale): one fused Triton pass on CUDA, the reference
-    elsewhere. Leading dims share the tensor scale, so they are flattened into rows."""
+    "nearest", "stochastic" or "eden"), as (values x block scales in BF16, tensor scale): one fused Triton
+    pass on CUDA, the reference elsewhere. Leading dims share the tensor scale, so they are flattened."""
     if x.is_cuda and rq.HAS_TRITON:
         values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding)
         return values.reshape(x.shape), tensor_scale

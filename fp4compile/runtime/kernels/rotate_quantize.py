@@ -1,18 +1,19 @@
 """The unbiased recipes' backward operands in one Triton pass each: a randomized Hadamard rotation along
-the rows (or none), then NVFP4 quantization (round to nearest, stochastic rounding, or MS-EDEN), written as
-BF16 values times E4M3 block scales (exact in BF16) with the FP32 tensor scale apart, ready for an exact
-BF16 tensor-core GEMM (``gemm.scaled_gemm``).
+the rows (or none), then NVFP4 quantization (round to nearest, stochastic rounding, or MS-EDEN), written
+as BF16 values times E4M3 block scales (exact in BF16) with the FP32 tensor scale apart, ready for
+``gemm.nvfp4_gemm``.
 
 The tensor scale needs the amax of the *rotated* tensor, so a launch in AMAX mode rotates and reduces
 first (the rotation is recomputed in the second launch rather than stored: a [G, G] product per group is
 cheaper than a round trip through memory). The rotation runs on the tensor cores as three TF32 products
 ("tf32x3", about FP32's precision): as an FP32 FMA loop, a 128-group spilled ~20 KB of registers per
-thread and made quartet2's backward 40x slower than BF16's on an H100. Stochastic decisions use uniforms drawn by torch (same count,
-shape and generator as the reference draws), so the kernel takes the reference's exact decisions for a
-seed. Numerics against the reference (``reference``): bit-exact whenever the rotation is exact in FP32
-(e.g. integer inputs with groups 16 or 64, whose Hadamard entries are powers of two); otherwise the FP32
-rotation's summation order differs from torch's, and a value that lands within an ulp of a rounding
-boundary may round the other way (tests/test_rotate_quantize.py bounds how often). Finite inputs only.
+thread and made quartet2's FFN step 39x slower than BF16's on an H100. Stochastic decisions use uniforms
+drawn by torch (same count, shape and generator as the reference draws), so the kernel takes the
+reference's exact decisions for a seed. Numerics against the reference (``reference``): bit-exact
+whenever the rotation is exact in FP32 (e.g. integer inputs with groups 16 or 64, whose Hadamard entries
+are powers of two) or absent; otherwise the FP32 rotation's summation order differs from torch's, and a
+value that lands within an ulp of a rounding boundary may round the other way
+(tests/test_rotate_quantize.py bounds how often). Finite inputs only.
 """
 
 import torch
@@ -147,7 +148,7 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, 
     grid = (triton.cdiv(rows, BLOCK_R), cols // group)
     inv_val_max = eden.SCALE_OVERRIDE / 6.0 if rounding == "eden" else 1.0 / 6.0
     partial = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    # 8 warps hold a 64 x 128 rotation with few spills (checked with cuobjdump -res-usage for sm_90).
+    # 8 warps hold a 64 x 128 rotation with few spills (cuobjdump -res-usage of an sm_90 AOT build).
     common = dict(G=group, BLOCK_R=BLOCK_R, ROTATE=signs is not None, INV_VAL_MAX=inv_val_max,
                   num_warps=8 if group * BLOCK_R >= 8192 else 4)
     kernel[grid](x, sh, None, None, None, partial, rows, x.stride(0), 0, 0, MODE=_AMAX, **common)
