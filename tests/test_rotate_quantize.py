@@ -23,9 +23,11 @@ triton = pytest.importorskip("triton")
 from fp4compile.runtime.hadamard import random_signs  # noqa: E402
 from fp4compile.runtime.kernels import rotate_quantize as rq  # noqa: E402
 
-# (rounding, group: None = not rotated, integer input); exact cases must match bit for bit.
-EXACT_CASES = [(r, g, True) for r in rq.ROUNDINGS for g in (16, 64)] + [(r, None, False) for r in rq.ROUNDINGS[:2]]
-GENERAL_CASES = [(rounding, 128, False) for rounding in rq.ROUNDINGS]
+# (rounding, group: None = not rotated, integer input, a scale x is multiplied by as it is read);
+# exact cases must match bit for bit. A power-of-two scale keeps integer inputs' rotation exact.
+EXACT_CASES = ([(r, g, True, None) for r in rq.ROUNDINGS for g in (16, 64)] + [("eden", 64, True, 0.125)]
+               + [(r, None, False, s) for r in rq.ROUNDINGS[:2] for s in (None, 0.37)])
+GENERAL_CASES = [(rounding, 128, False, None) for rounding in rq.ROUNDINGS] + [("eden", 128, False, 0.37)]
 MAX_DIFFERING = 1e-3  # fraction of values; observed: 0 to a few 1e-5
 
 
@@ -41,18 +43,19 @@ def _input(exact: bool, device: str, rows: int = 200, cols: int = 256) -> torch.
     return x.to(device)
 
 
-def _compare(rounding: str, group: int | None, integer: bool, device: str) -> dict:
+def _compare(rounding: str, group: int | None, integer: bool, scale: float | None, device: str) -> dict:
     x = _input(integer, device)
     signs = None if group is None else random_signs(group, generator=torch.Generator().manual_seed(group)).to(device)
-    ref_v, ref_s = rq.reference(x, signs, rounding, torch.Generator(device).manual_seed(5))
-    got_v, got_s = rq.rotate_quantize(x, signs, rounding, torch.Generator(device).manual_seed(5))
+    x_scale = None if scale is None else torch.tensor(scale, device=device)
+    ref_v, ref_s = rq.reference(x, signs, rounding, torch.Generator(device).manual_seed(5), x_scale)
+    got_v, got_s = rq.rotate_quantize(x, signs, rounding, torch.Generator(device).manual_seed(5), x_scale)
     return dict(dtype=str(got_v.dtype), same_scale=bool(torch.equal(ref_s.float(), got_s.float())),
                 differing=float((ref_v.float() != got_v.float()).float().mean()))
 
 
 def _all_cases(device: str) -> dict:
-    cases = {f"{r} g{g} exact": case for case in EXACT_CASES for r, g, _ in [case]}
-    cases.update({f"{r} g{g} general": case for case in GENERAL_CASES for r, g, _ in [case]})
+    cases = {f"{r} g{g} x{s} exact": case for case in EXACT_CASES for r, g, _, s in [case]}
+    cases.update({f"{r} g{g} x{s} general": case for case in GENERAL_CASES for r, g, _, s in [case]})
     return {name: _compare(*case, device) for name, case in cases.items()}
 
 

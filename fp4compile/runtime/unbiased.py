@@ -40,14 +40,15 @@ def _check(size: int, group: int, what: str) -> None:
                          f"is {size}; use a multiple of {group} (e.g. pad the batch) or a smaller hadamard_group")
 
 
-def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str):
-    """x rotated along its last dim (``signs`` None: not rotated) and quantized to NVFP4 (``rounding``:
-    "nearest", "stochastic" or "eden"), as (values x block scales in BF16, tensor scale): one fused Triton
-    pass on CUDA, the reference elsewhere. Leading dims share the tensor scale, so they are flattened."""
+def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, x_scale=None):
+    """x (times the scalar ``x_scale``) rotated along its last dim (``signs`` None: not rotated) and
+    quantized to NVFP4 (``rounding``: "nearest", "stochastic" or "eden"), as (values x block scales in BF16,
+    tensor scale): one fused Triton pass on CUDA, the reference elsewhere. Leading dims share the tensor
+    scale, so they are flattened."""
     if x.is_cuda and rq.HAS_TRITON:
-        values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding)
+        values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding, x_scale=x_scale)
         return values.reshape(x.shape), tensor_scale
-    return rq.reference(x, signs, rounding)
+    return rq.reference(x, signs, rounding, x_scale=x_scale)
 
 
 @torch.library.custom_op("fp4compile::unbiased_grad_gemm", mutates_args=())
@@ -61,7 +62,7 @@ def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: s
         _check(p.shape[-1], group, "the reduction dim")
         signs = random_signs(group, device=p.device)
         pv, ps = rotate_quantize(p, signs, "eden")
-        qv, qs = rotate_quantize(q.float() * q_scale, signs, "eden")
+        qv, qs = rotate_quantize(q, signs, "eden", q_scale)
         return nvfp4_gemm(pv, ps, qv, qs)
     if not over_tokens:  # nvidia's dA: the saved B_q as it is, the gradient rounded stochastically
         pv, ps = rotate_quantize(p, None, "stochastic")
@@ -70,7 +71,7 @@ def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: s
     _check(p.shape[-1], group, "the tokens")
     signs = random_signs(group, device=p.device)
     pv, ps = rotate_quantize(p, signs, "stochastic")
-    qv, qs = rotate_quantize(q.float() * q_scale, signs, "nearest")
+    qv, qs = rotate_quantize(q, signs, "nearest", q_scale)
     return nvfp4_gemm(pv, ps, qv, qs)
 
 

@@ -37,10 +37,12 @@ ROUNDINGS = ("nearest", "stochastic", "eden")
 _AMAX = 3  # kernel MODE: 0, 1, 2 are the ROUNDINGS
 
 
-def reference(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None):
-    """(values x block scales, tensor scale) of x [..., C] rotated along C by ``signs`` (None: not
-    rotated) and quantized to NVFP4 by ``rounding``: the definition the kernel is tested against."""
-    rotated = x.float() if signs is None else rht(x, signs)
+def reference(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None, x_scale=None):
+    """(values x block scales, tensor scale) of x [..., C] (times the FP32 scalar ``x_scale``, if given)
+    rotated along C by ``signs`` (None: not rotated) and quantized to NVFP4 by ``rounding``: the
+    definition the kernel is tested against."""
+    x = x.float() if x_scale is None else x.float() * x_scale
+    rotated = x if signs is None else rht(x, signs)
     if rounding == "eden":
         return eden.ms_eden_operand(rotated, signs.numel(), generator)
     values, tensor_scale = gemm_operand(rotated, "nvfp4", rounding, generator)
@@ -68,8 +70,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotate_quantize_kernel(
-        x_ptr, sh_ptr, u_ptr, ts_ptr, out_ptr, amax_ptr,
+        x_ptr, xs_ptr, sh_ptr, u_ptr, ts_ptr, out_ptr, amax_ptr,
         R, stride_x, stride_u, stride_o,
+        SCALED: tl.constexpr,  # multiply x by the FP32 scalar at xs_ptr first (the saved operands' scales)
         G: tl.constexpr,  # the rotation group: one program covers BLOCK_R rows x one group of G columns
         BLOCK_R: tl.constexpr,
         ROTATE: tl.constexpr,
@@ -82,6 +85,8 @@ if HAS_TRITON:
         cols = pid_g * G + tl.arange(0, G)
         mask = rows[:, None] < R
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SCALED:
+            x = x * tl.load(xs_ptr)
         if ROTATE:
             j = tl.arange(0, G)
             sh = tl.load(sh_ptr + j[:, None] * G + j[None, :])  # diag(signs) @ H
@@ -125,10 +130,11 @@ if HAS_TRITON:
             tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(tl.bfloat16), mask=mask)
 
 
-def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None, kernel=None,
-                    BLOCK_R: int = 64):
+def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None, x_scale=None,
+                    kernel=None, BLOCK_R: int = 64):
     """:func:`reference` of a 2-D x [R, C] (C a multiple of len(signs), or of 16 unrotated) in two
-    launches of the kernel. ``kernel`` overrides the launched function (an interpreted copy in CPU tests)."""
+    launches of the kernel; ``x_scale`` (0-d FP32) is multiplied in as x is read, so a scaled copy of x is
+    never written. ``kernel`` overrides the launched function (an interpreted copy in CPU tests)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     rows, cols = x.shape
@@ -149,9 +155,10 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, 
     inv_val_max = eden.SCALE_OVERRIDE / 6.0 if rounding == "eden" else 1.0 / 6.0
     partial = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=x.device)
     # 8 warps hold a 64 x 128 rotation with few spills (cuobjdump -res-usage of an sm_90 AOT build).
-    common = dict(G=group, BLOCK_R=BLOCK_R, ROTATE=signs is not None, INV_VAL_MAX=inv_val_max,
-                  num_warps=8 if group * BLOCK_R >= 8192 else 4)
-    kernel[grid](x, sh, None, None, None, partial, rows, x.stride(0), 0, 0, MODE=_AMAX, **common)
+    xs = None if x_scale is None else x_scale.float().reshape(())
+    common = dict(SCALED=xs is not None, G=group, BLOCK_R=BLOCK_R, ROTATE=signs is not None,
+                  INV_VAL_MAX=inv_val_max, num_warps=8 if group * BLOCK_R >= 8192 else 4)
+    kernel[grid](x, xs, sh, None, None, None, partial, rows, x.stride(0), 0, 0, MODE=_AMAX, **common)
     amax = partial.amax() if partial.numel() else partial.new_zeros(())
     tensor_scale = eden.tensor_scale(amax) if rounding == "eden" else nvfp4_tensor_scale(amax)
     uniforms = None
@@ -161,6 +168,6 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, 
         uniforms = torch.rand((rows, cols // eden.BLOCK), generator=generator, device=x.device)
     out = torch.empty((rows, cols), dtype=torch.bfloat16, device=x.device)
     stride_u = 0 if uniforms is None else uniforms.stride(0) // (16 if rounding == "stochastic" else 1)
-    kernel[grid](x, sh, uniforms, tensor_scale, out, partial, rows, x.stride(0), stride_u, out.stride(0),
+    kernel[grid](x, xs, sh, uniforms, tensor_scale, out, partial, rows, x.stride(0), stride_u, out.stride(0),
                  MODE=ROUNDINGS.index(rounding), **common)
     return out, tensor_scale
