@@ -284,7 +284,8 @@ def test_cpu_op_and_compile_match_reference():
 def test_split_nvfp4_recovers_codes_and_scales_exactly(seed, shift, rounding):
     """The unbiased recipes hand NVFP4 operands to the native GEMM as BF16 products of values and block
     scales; split_nvfp4 must find codes and E4M3 scales that decode to exactly those products, for every
-    quantizer that writes them, over magnitudes down to E4M3's subnormal scales, with zero blocks."""
+    quantizer that writes them, over magnitudes down to E4M3's subnormal scales, with zero blocks; a block
+    holding a NaN or inf decodes to NaN."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(32, 64, generator=gen) * 2.0**shift * torch.rand(32, 1, generator=gen)
     x[1, :16] = 0
@@ -294,9 +295,12 @@ def test_split_nvfp4_recovers_codes_and_scales_exactly(seed, shift, rounding):
         values, _ = tiles_operand(x)
     else:
         values, _ = gemm_operand(x, "nvfp4", rounding, gen)
+    values[2, 20], values[3, 40] = torch.nan, torch.inf  # a diverged gradient must stay poisoned
     packed, scales = bw.split_nvfp4(values)
     assert packed.dtype == torch.uint8 and scales.dtype == torch.float8_e4m3fn and scales.shape == (32, 4)
-    assert torch.equal(bw.unpack_operand(bw.PackedOperand(packed, scales, None, "nvfp4")), values.float())
+    decoded, finite = bw.unpack_operand(bw.PackedOperand(packed, scales, None, "nvfp4")), scales.float().isfinite()
+    assert torch.equal(decoded[finite.repeat_interleave(16, -1)], values.float()[finite.repeat_interleave(16, -1)])
+    assert (~finite).sum() == 2 and decoded[2, 16:32].isnan().all() and decoded[3, 32:48].isnan().all()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -134,8 +134,9 @@ def split_nvfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales (as ``gemm_operand(x, "nvfp4")`` and the unbiased recipes' quantizers write them, in BF16) ->
     (packed codes [R, K/2], float8_e4m3fn scales [R, K/16]) whose decoded products equal ``values``
     exactly. A block's scale is max|v| / m for the largest E2M1 magnitude m that reproduces every value
-    of the block (the quantizer's own scale is one such m); an all-zero block gets scale 0. Values that are
-    not such products give a wrong result, unchecked: the check would cost a host sync per GEMM."""
+    of the block (the quantizer's own scale is one such m); an all-zero block gets scale 0, a block with a
+    NaN or inf the NaN scale (so it stays poisoned). Finite values that are not such products give a wrong
+    result, unchecked: the check would cost a host sync per GEMM."""
     blocks = values.float().unflatten(-1, (-1, 16))
     amax = blocks.abs().amax(-1, keepdim=True)
     scale, found = torch.zeros_like(amax), amax == 0
@@ -144,6 +145,7 @@ def split_nvfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fits = ~found & (s > 0) & (e2m1.round_to_e2m1(blocks / s) * s == blocks).all(-1, keepdim=True)
         scale, found = torch.where(fits, s, scale), found | fits
     codes = e2m1.encode_e2m1(torch.where(scale > 0, blocks / scale, 0.0)).flatten(-2)
+    scale = torch.where(amax.isfinite(), scale, torch.nan)
     return e2m1.pack_e2m1(codes), scale.squeeze(-1).to(torch.float8_e4m3fn)
 
 
