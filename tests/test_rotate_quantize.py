@@ -23,11 +23,15 @@ triton = pytest.importorskip("triton")
 from fp4compile.runtime.hadamard import random_signs  # noqa: E402
 from fp4compile.runtime.kernels import rotate_quantize as rq  # noqa: E402
 
-# (rounding, group: None = not rotated, integer input, a scale x is multiplied by as it is read);
-# exact cases must match bit for bit. A power-of-two scale keeps integer inputs' rotation exact.
-EXACT_CASES = ([(r, g, True, None) for r in rq.ROUNDINGS for g in (16, 64)] + [("eden", 64, True, 0.125)]
-               + [(r, None, False, s) for r in rq.ROUNDINGS[:2] for s in (None, 0.37)])
-GENERAL_CASES = [(rounding, 128, False, None) for rounding in rq.ROUNDINGS] + [("eden", 128, False, 0.37)]
+# (rounding, group: None = not rotated, integer input, a scale x is multiplied by as it is read, a NaN
+# or an inf planted in x); exact cases must match bit for bit (NaN where the reference has NaN). A
+# power-of-two scale keeps integer inputs' rotation exact.
+EXACT_CASES = ([(r, g, True, None, None) for r in rq.ROUNDINGS for g in (16, 64)]
+               + [("eden", 64, True, 0.125, None)]
+               + [(r, None, False, s, None) for r in rq.ROUNDINGS[:2] for s in (None, 0.37)]
+               + [(r, 16, True, None, bad) for r in rq.ROUNDINGS for bad in ("nan", "inf")]
+               + [("stochastic", None, False, None, "nan")])
+GENERAL_CASES = [(r, 128, False, None, None) for r in rq.ROUNDINGS] + [("eden", 128, False, 0.37, None)]
 MAX_DIFFERING = 1e-3  # fraction of values; observed: 0 to a few 1e-5
 
 
@@ -43,19 +47,25 @@ def _input(exact: bool, device: str, rows: int = 200, cols: int = 256) -> torch.
     return x.to(device)
 
 
-def _compare(rounding: str, group: int | None, integer: bool, scale: float | None, device: str) -> dict:
+def _compare(rounding: str, group: int | None, integer: bool, scale: float | None, bad: str | None,
+             device: str) -> dict:
     x = _input(integer, device)
+    if bad:
+        x[5, 40] = float(bad)
     signs = None if group is None else random_signs(group, generator=torch.Generator().manual_seed(group)).to(device)
     x_scale = None if scale is None else torch.tensor(scale, device=device)
     ref_v, ref_s = rq.reference(x, signs, rounding, torch.Generator(device).manual_seed(5), x_scale)
     got_v, got_s = rq.rotate_quantize(x, signs, rounding, torch.Generator(device).manual_seed(5), x_scale)
-    return dict(dtype=str(got_v.dtype), same_scale=bool(torch.equal(ref_s.float(), got_s.float())),
-                differing=float((ref_v.float() != got_v.float()).float().mean()))
+    dtype, ref_v, got_v = str(got_v.dtype), ref_v.float(), got_v.float()
+    differing = (ref_v != got_v) & ~(ref_v.isnan() & got_v.isnan())
+    same_scale = torch.allclose(ref_s.float(), got_s.float(), rtol=0, atol=0, equal_nan=True)
+    return dict(dtype=dtype, same_scale=same_scale, differing=float(differing.float().mean()),
+                nan=float(got_v.isnan().float().mean()))
 
 
 def _all_cases(device: str) -> dict:
-    cases = {f"{r} g{g} x{s} exact": case for case in EXACT_CASES for r, g, _, s in [case]}
-    cases.update({f"{r} g{g} x{s} general": case for case in GENERAL_CASES for r, g, _, s in [case]})
+    cases = {f"{r} g{g} x{s} {bad or 'finite'} exact": case for case in EXACT_CASES for r, g, _, s, bad in [case]}
+    cases.update({f"{r} g{g} x{s} general": case for case in GENERAL_CASES for r, g, _, s, _ in [case]})
     return {name: _compare(*case, device) for name, case in cases.items()}
 
 
@@ -75,6 +85,7 @@ def _check(results: dict) -> None:
             assert r["same_scale"] and r["differing"] == 0, (name, r)
         else:
             assert r["differing"] <= MAX_DIFFERING, (name, r)
+        assert (r["nan"] > 0) == (" nan " in name or " inf " in name), (name, r)  # poisoned, and only then
 
 
 def test_interpreter_matches_reference():

@@ -13,7 +13,8 @@ reference's exact decisions for a seed. Numerics against the reference (``refere
 whenever the rotation is exact in FP32 (e.g. integer inputs with groups 16 or 64, whose Hadamard entries
 are powers of two) or absent; otherwise the FP32 rotation's summation order differs from torch's, and a
 value that lands within an ulp of a rounding boundary may round the other way
-(tests/test_rotate_quantize.py bounds how often). Finite inputs only.
+(tests/test_rotate_quantize.py bounds how often). A NaN or inf poisons as in the reference: its blocks
+(after the rotation, its whole group row) or, where the tensor scale becomes NaN, the whole tensor.
 """
 
 import torch
@@ -94,11 +95,17 @@ if HAS_TRITON:
         else:
             y = x
         if MODE == 3:
-            tl.store(amax_ptr + pid_r * tl.num_programs(1) + pid_g, tl.max(tl.max(tl.abs(y), axis=1), axis=0))
+            # tl.max drops NaNs on a GPU (max.f32); the reference's amax keeps them.
+            amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+            has_nan = tl.max(tl.max((y != y).to(tl.int32), axis=1), axis=0) != 0
+            tl.store(amax_ptr + pid_r * tl.num_programs(1) + pid_g, tl.where(has_nan, float("nan"), amax))
         else:
             ts = tl.load(ts_ptr)
             yb = tl.reshape(y, (BLOCK_R, G // 16, 16))
             amax = tl.max(tl.abs(yb), axis=2)
+            # As the reference: a block holding a NaN or inf, or a NaN tensor scale, dequantizes to NaN.
+            non_finite = (yb != yb).to(tl.int32) + (tl.abs(yb) == float("inf")).to(tl.int32)
+            poisoned = tl.max(non_finite, axis=2) + (ts != ts).to(tl.int32) > 0
             safe_ts = tl.where(ts == 0.0, 1.0, ts)
             bs = tl.math.div_rn(amax * INV_VAL_MAX, safe_ts)
             bs, _ = e4m3_rne(tl.minimum(bs, 448.0))
@@ -126,6 +133,7 @@ if HAS_TRITON:
                     u = tl.load(u_ptr + u_offs, mask=mask, other=0.0)
                     bs = tl.where(u < p_up, up, down)
                 out = q * bs[:, :, None]
+            out = tl.where(poisoned[:, :, None], float("nan"), out)
             out = tl.reshape(out, (BLOCK_R, G))
             tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(tl.bfloat16), mask=mask)
 
