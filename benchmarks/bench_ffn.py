@@ -1,7 +1,10 @@
 """A Llama-3-8B SwiGLU FFN block (d=4096, hidden=14336, 16384 tokens, BF16), forward + backward, side by
-side: BF16 eager, BF16 torch.compile (inductor), and fp4compile's paper recipe (DGE, E5M2 gradients)
-with OCC off and on. Ratios are against BF16 inductor; the top GPU kernels of each compiled variant come
-from torch.profiler, so a missed target can be read off where the time goes.
+side: BF16 eager, BF16 torch.compile (inductor), fp4compile's paper recipe (DGE, E5M2 gradients) with
+OCC off and on, the paper recipe in NVFP4, the unbiased NVFP4 recipes (nvidia_nvfp4, quartet2) and
+torchao float8 where importable (``--variants`` picks; benchmarks/common.py lists them). The forward is
+also timed alone, so the backward's cost is the difference. Ratios are against BF16 inductor; the top GPU
+kernels of each compiled variant come from torch.profiler, so a missed target can be read off where the
+time goes.
 
     PYTHONPATH=. python benchmarks/bench_ffn.py --out results/ffn.json
 """
@@ -75,8 +78,9 @@ def main():
         if base and "ms" in r:
             r["vs bf16 inductor"] = base / r["ms"]
     title = f"SwiGLU FFN fwd+bwd, {args.tokens} tokens, d={args.dim}, hidden={args.hidden}"
-    print_table(rows, ["variant", "ms", "fwd ms", "bwd ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB", "first call s", "error"],
-                title)
+    columns = ["variant", "ms", "fwd ms", "bwd ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB",
+               "first call s", "error"]
+    print_table(rows, columns, title)
     report(args, rows, profiles)
 
 

@@ -3,9 +3,10 @@ on CPU in Triton's interpreter (in a subprocess: the interpreter must be chosen 
 imported), and on a CUDA device.
 
 Bit-exact where the rotation is exact in FP32 (integer inputs, groups 16 and 64: Hadamard entries 1/4 and
-1/8) or absent (nvidia's unrotated dA operand, any input); on rotated general inputs the rotation's FP32 sums run in another order than torch's, and a value within an
-ulp of a rounding boundary may round the other way, so there the test bounds the fraction of differing
-values. Run as ``TRITON_INTERPRET=1 python tests/test_rotate_quantize.py``, this file prints the
+1/8) or absent (nvidia's unrotated dA operand, any input), with an operand scale multiplied in as x is
+read, and with a NaN or inf planted (NaN exactly where the reference has NaN). On rotated general inputs
+the rotation's FP32 sums run in another order than torch's, and a value within an ulp of a rounding
+boundary may round the other way, so there the test bounds the fraction of differing values. Run as ``TRITON_INTERPRET=1 python tests/test_rotate_quantize.py``, this file prints the
 interpreter results as JSON.
 """
 
