@@ -3,6 +3,8 @@
 import argparse
 import datetime
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -69,11 +71,14 @@ def environment() -> dict:
         ).stdout.strip()
     except OSError:
         commit = ""
-    props = torch.cuda.get_device_properties(0)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = {"device": props.name, "capability": list(torch.cuda.get_device_capability(0)),
+                  "sms": props.multi_processor_count}
+    else:
+        device = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"}
     return {
-        "device": props.name,
-        "capability": list(torch.cuda.get_device_capability(0)),
-        "sms": props.multi_processor_count,
+        **device,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.date.today().isoformat(),

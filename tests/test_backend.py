@@ -225,3 +225,36 @@ def test_graph_breaks_and_training_steps_do_not_recompile():
         opt.step()
         opt.zero_grad()
     assert backend.graphs == 2
+
+
+class _SharedInputs(nn.Module):
+    """q/k/v read one tensor, as in attention; x's size sets it apart from every weight's."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) + self.v(x)
+
+
+@pytest.mark.parametrize("occ", [False, True])
+def test_sites_sharing_an_input_quantize_and_save_it_once(occ):
+    # One quantized copy of x for the backward (and one OCC residual), not one per site: a NaN
+    # constant in the quantizer's graph used to keep AOTAutograd's CSE from merging the three.
+    torch.manual_seed(0)
+    model, x = _SharedInputs(), torch.randn(256, 64, requires_grad=True)
+    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(occ=occ)))
+    compiled(x)  # compile outside the hook
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(x)
+    like_x = [t for t in saved.values() if t.numel() == x.numel()]
+    assert sorted(str(t.dtype) for t in like_x) == sorted(["torch.float8_e4m3fn"] + ["torch.float32"] * occ)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -2,6 +2,8 @@
 
 import torch
 
+from fp4compile.runtime.quantize import poison
+
 FP8_DTYPES = {"float8_e5m2": torch.float8_e5m2, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
@@ -20,6 +22,6 @@ def quantize_fp8_rows(x: torch.Tensor, dtype: torch.dtype):
     and zero data; a row holding NaN or inf gets a NaN scale.
     """
     amax = x.float().abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(torch.isfinite(amax), amax * (1.0 / torch.finfo(dtype).max), torch.nan)
+    scale = poison(amax * (1.0 / torch.finfo(dtype).max), amax)
     data = (x.float() / torch.where(scale == 0, torch.inf, scale)).to(dtype)
     return data, scale

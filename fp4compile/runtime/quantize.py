@@ -34,9 +34,13 @@ def _amax(xb: torch.Tensor, dims) -> torch.Tensor:
     return xb.abs().amax(dim=dims, keepdim=True)
 
 
-def _poison(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """NaN scale for groups that hold a NaN or an inf, so those groups dequantize to NaN."""
-    return torch.where(torch.isfinite(amax), scale, torch.nan)
+def poison(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """NaN scale for groups that hold a NaN or an inf, so those groups dequantize to NaN.
+
+    The NaN is amax - amax (inf - inf, or NaN) and not a NaN constant: a traced NaN constant never
+    equals itself, which defeats AOTAutograd's CSE, so sites sharing an input (q/k/v, gate/up) would
+    each quantize it and save their own copy for the backward."""
+    return torch.where(torch.isfinite(amax), scale, amax - amax)
 
 
 def _over(x: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -47,28 +51,28 @@ def _over(x: torch.Tensor, divisor: float) -> torch.Tensor:
 
 def nvfp4_tensor_scale(tensor_amax: torch.Tensor) -> torch.Tensor:
     """NVFP4's FP32 tensor scale: maps the tensor's amax onto E4M3's range of block scales (NaN if not finite)."""
-    return _poison(_over(tensor_amax, e2m1.E2M1_MAX * E4M3_MAX), tensor_amax)
+    return poison(_over(tensor_amax, e2m1.E2M1_MAX * E4M3_MAX), tensor_amax)
 
 
 def _scales(xb: torch.Tensor, fmt: Format):
     """Per-group scales for blocked ``xb``: (effective FP32 scale, stored scale, FP32 tensor scale or None)."""
     amax = _amax(xb, (-1,))
     if fmt.name in ("tensor", "vector"):
-        scale = _poison(_over(amax, e2m1.E2M1_MAX), amax)
+        scale = poison(_over(amax, e2m1.E2M1_MAX), amax)
         return scale, scale, None
     if fmt.name == "mxfp4":
         # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax(E2M1), clamped to E8M0's range.
         _, exp = torch.frexp(amax)
         shared = (exp - 1 - _E2M1_EMAX).clamp(-_E8M0_BIAS, _E8M0_BIAS)
         shared = torch.where(amax > 0, shared, -_E8M0_BIAS)
-        scale = _poison(torch.exp2(shared.float()), amax)
+        scale = poison(torch.exp2(shared.float()), amax)
         stored = torch.where(torch.isfinite(amax), shared + _E8M0_BIAS, 255).to(torch.uint8)
         return scale, stored, None
     tensor_amax = _amax(xb, (-2, -1)).amax() if xb.numel() else xb.new_zeros(())
     tensor_scale = nvfp4_tensor_scale(tensor_amax)
     safe_ts = torch.where(tensor_scale == 0, 1.0, tensor_scale)
     block_scale = (_over(amax, e2m1.E2M1_MAX) / safe_ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
-    scale = _poison(block_scale.float() * tensor_scale, amax)
+    scale = poison(block_scale.float() * tensor_scale, amax)
     return scale, block_scale, tensor_scale
 
 

@@ -31,7 +31,7 @@ import torch
 
 from fp4compile.runtime import e2m1
 from fp4compile.runtime.formats import get_format
-from fp4compile.runtime.quantize import QuantizedTensor, nvfp4_tensor_scale, quantize
+from fp4compile.runtime.quantize import QuantizedTensor, nvfp4_tensor_scale, poison, quantize
 
 try:
     import triton
@@ -145,7 +145,7 @@ def split_nvfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fits = ~found & (s > 0) & (e2m1.round_to_e2m1(blocks / s) * s == blocks).all(-1, keepdim=True)
         scale, found = torch.where(fits, s, scale), found | fits
     codes = e2m1.encode_e2m1(torch.where(scale > 0, blocks / scale, 0.0)).flatten(-2)
-    scale = torch.where(amax.isfinite(), scale, torch.nan)
+    scale = poison(scale, amax)
     return e2m1.pack_e2m1(codes), scale.squeeze(-1).to(torch.float8_e4m3fn)
 
 
