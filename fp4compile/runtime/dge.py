@@ -4,6 +4,11 @@ Both take weights in the scaled domain (w / scale, within [-6, 6]). On the grid 
 holds |w| (d = 0.5 below 2, 1 below 4, 2 up to 6), with u = (|w| - a) / d:
     f(w)  = sign(w) * (a + d * (1 + sign(2u - 1) * |2u - 1| ** (1 / k)) / 2)
     f'(w) = min((1 / k) * |2u - 1| ** (1 / k - 1), clip)
+
+f' runs over every weight element in each backward, so its power is evaluated as exp(e * ln|t|), within
+~5e-7 (relative) of ``pow``: on a GPU ``pow`` is a long accurate routine, exp and log are hardware
+approximations (the Llama-8B FFN's DGE kernels: 0.29 -> 0.19 ms each on an H200). ``xlogy`` keeps
+t^0 = 1 at t = 0 (k = 1).
 """
 
 import torch
@@ -29,4 +34,4 @@ def dge_smooth(w_scaled: torch.Tensor, k: float = 5.0) -> torch.Tensor:
 def dge_derivative(w_scaled: torch.Tensor, k: float = 5.0, clip: float = 3.0) -> torch.Tensor:
     """f'(w), clipped to at most ``clip`` (it is infinite at the middle of each interval)."""
     _, _, u = _interval(w_scaled)
-    return ((2 * u - 1).abs() ** (1 / k - 1) / k).clamp(max=clip)
+    return (torch.exp(torch.special.xlogy(1 / k - 1, (2 * u - 1).abs())) / k).clamp(max=clip)
