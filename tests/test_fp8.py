@@ -64,6 +64,16 @@ def test_zero_rows(fp8):
 
 
 @pytest.mark.parametrize("fp8", list(FP8_PARAMS))
+def test_tiny_rows_scale_at_least_smallest_normal(fp8):
+    """A row whose amax / max is below 2^-126 gets scale 2^-126 (its reciprocal stays finite): its values
+    are then x / 2^-126, well inside the FP8 range, and round-trip exactly here."""
+    x = torch.tensor([[2.0**-130, -(2.0**-127), 0.0]])
+    data, scale = quantize_fp8_rows(x, fp8)
+    assert scale.item() == 2.0**-126
+    assert data.float().tolist() == [[2.0**-4, -0.5, 0.0]]
+
+
+@pytest.mark.parametrize("fp8", list(FP8_PARAMS))
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_inf_rows(fp8, bad):
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))

@@ -86,6 +86,7 @@ def ref_scales(groups: torch.Tensor, fmt: str) -> torch.Tensor:
     bad = ~torch.isfinite(amax)
     if fmt in ("tensor", "vector"):
         s = amax * (1 / 6)  # defined as a multiply by fl32(1/6), as CUDA computes amax / 6
+        s = torch.where(s > 0, s.clamp(min=2.0**-126), s)  # at least float32's smallest normal
     elif fmt == "mxfp4":
         s = torch.tensor([[2.0 ** _mx_exponent(a) if math.isfinite(a) else math.nan] for a in amax.flatten().tolist()])
         s = s.reshape(amax.shape).float()
@@ -105,8 +106,10 @@ def ref_fake_quantize(x: torch.Tensor, fmt: str, dim: int = -1) -> torch.Tensor:
     dim = dim % max(x.dim(), 1)
     groups = ref_groups(x, fmt, dim)
     s = ref_scales(groups, fmt)
-    # an all-zero group has scale 0: its values are +-0 (sign of x kept)
-    scaled = torch.where(s == 0, groups * 0, groups / s)
+    # an all-zero group has scale 0: its values are +-0 (sign of x kept). NVFP4 divides by its scale, the
+    # others multiply by its float32 reciprocal.
+    scaled = groups / s if fmt == "nvfp4" else groups * (1 / s)
+    scaled = torch.where(s == 0, groups * 0, scaled)
     q = ref_round_e2m1(scaled) * s
     if x.dim() == 0:
         return q.reshape(()).to(x.dtype)

@@ -41,6 +41,19 @@ def test_zero_group_next_to_nonzero(fmt):
     assert torch.equal(fake_quantize(x[1:], fmt), out[1:])  # the zero row changes no other group's scale
 
 
+@pytest.mark.parametrize("fmt", ["tensor", "vector"])
+def test_tiny_groups_scale_at_least_smallest_normal(fmt):
+    """Scales are floored at 2^-126 so that the reciprocal the quantizer multiplies by is finite: a group of
+    subnormal values (amax / 6 below 2^-128, where 1 / scale would overflow) still rounds to the nearest
+    multiple of its scale instead of saturating to +-6."""
+    tiny = 2.0**-126
+    x = torch.tensor([[tiny / 4, -tiny / 2, tiny / 8, 0.0]])
+    qt = quantize(x, fmt)
+    assert qt.scale_float().flatten()[0].item() == tiny
+    assert qt.data.float().tolist() == [[0.0, -0.5, 0.0, 0.0]]  # x / 2^-126 = 0.25 (tie to 0), -0.5, 0.125
+    assert torch.equal(qt.dequantize(), torch.tensor([[0.0, -tiny / 2, 0.0, 0.0]]))
+
+
 EMPTY_SHAPES = [(0,), (0, 32), (3, 0), (2, 0, 32), (0, 0)]
 
 

@@ -6,6 +6,9 @@ any device and Inductor fuses it into the code around a matmul.
 Special values: a NaN or +-inf anywhere in a scaling group makes that group's scale NaN, so the whole
 group dequantizes to NaN (the OCP MX convention: a NaN shared scale). An all-zero group gets scale 0 and
 dequantizes to exact zeros (never NaN). Empty tensors give empty results.
+
+Scaled values are x * fl32(1 / s) (one IEEE division per group, a multiply per element) for "vector",
+"tensor" and "mxfp4", and x / s for "nvfp4", whose scale has no floor (see ``to_scaled_domain``).
 """
 
 from dataclasses import dataclass
@@ -43,6 +46,23 @@ def poison(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), scale, amax - amax)
 
 
+# Smallest "vector"/"tensor" scale: float32's smallest normal, so that 1 / scale is finite. It changes
+# only groups whose amax is below 6 * 2^-126 (about 7e-38).
+MIN_SCALE = 2.0**-126
+
+
+def floored(scale: torch.Tensor) -> torch.Tensor:
+    """A positive ``scale`` raised to at least MIN_SCALE; 0 and NaN kept."""
+    return torch.where(scale > 0, scale.clamp(min=MIN_SCALE), scale)
+
+
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale per group, for quantizers to multiply every element by: a GPU's IEEE division costs
+    several instructions per element, this one per group. A zero scale (an all-zero group) gives 0, so
+    its values round to +-0; a NaN scale gives NaN."""
+    return 1.0 / torch.where(scale == 0, torch.inf, scale)
+
+
 def _over(x: torch.Tensor, divisor: float) -> torch.Tensor:
     """x / divisor for a constant divisor, defined as x * fl32(1 / divisor): CUDA (eager and Inductor)
     divides by a constant that way, so the scales are bit-identical on every device."""
@@ -58,7 +78,7 @@ def _scales(xb: torch.Tensor, fmt: Format):
     """Per-group scales for blocked ``xb``: (effective FP32 scale, stored scale, FP32 tensor scale or None)."""
     amax = _amax(xb, (-1,))
     if fmt.name in ("tensor", "vector"):
-        scale = poison(_over(amax, e2m1.E2M1_MAX), amax)
+        scale = poison(floored(_over(amax, e2m1.E2M1_MAX)), amax)
         return scale, scale, None
     if fmt.name == "mxfp4":
         # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax(E2M1), clamped to E8M0's range.
@@ -87,10 +107,18 @@ def _round(scaled: torch.Tensor, rounding: str, generator) -> torch.Tensor:
 def quantize_blocked(xb: torch.Tensor, fmt: Format, rounding: str = "nearest", generator=None):
     """Quantize blocked ``xb`` ([..., groups, size], float32): (E2M1 values, effective scale, stored, tensor scale)."""
     scale, stored, tensor_scale = _scales(xb, fmt)
-    # A zero scale only comes with an all-zero group (or an NVFP4 block below E4M3's range): divide by inf
-    # so that every value of the group rounds to 0 instead of NaN.
-    values = _round(xb / torch.where(scale == 0, torch.inf, scale), rounding, generator)
+    values = _round(to_scaled_domain(xb, scale, fmt), rounding, generator)
     return values, scale, stored, tensor_scale
+
+
+def to_scaled_domain(xb: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Blocked ``xb`` in units of its groups' ``scale``, the values E2M1 rounding takes. NVFP4 divides:
+    its scale (E4M3 block scale x FP32 tensor scale) can fall below 2^-126, where 1 / scale overflows, and
+    its kernels divide likewise. A zero scale (an all-zero group, or an NVFP4 block below E4M3's range)
+    gives 0."""
+    if fmt.name == "nvfp4":
+        return xb / torch.where(scale == 0, torch.inf, scale)
+    return xb * reciprocal(scale)
 
 
 def _unblocked(xb: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
@@ -250,4 +278,4 @@ def scaled_domain(x: torch.Tensor, format: str) -> torch.Tensor:
     fmt = get_format(format)
     xb = _blocked(x, fmt, max(x.dim() - 1, 0))
     scale, _, _ = _scales(xb, fmt)
-    return (xb / torch.where(scale == 0, torch.inf, scale)).reshape(x.shape)
+    return to_scaled_domain(xb, scale, fmt).reshape(x.shape)
