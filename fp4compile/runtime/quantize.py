@@ -59,8 +59,11 @@ def floored(scale: torch.Tensor) -> torch.Tensor:
 def reciprocal(scale: torch.Tensor) -> torch.Tensor:
     """1 / scale per group, for quantizers to multiply every element by: a GPU's IEEE division costs
     several instructions per element, this one per group. A zero scale (an all-zero group) gives 0, so
-    its values round to +-0; a NaN scale gives NaN."""
-    return 1.0 / torch.where(scale == 0, torch.inf, scale)
+    its values round to +-0; a NaN scale gives NaN.
+
+    A division of tensors, not ``1.0 / scale``: that traces to aten.reciprocal, which torch 2.11's Inductor
+    divides approximately on GPUs even under division_rounding (measured: 10270 of 67M values off)."""
+    return scale.new_ones(()) / torch.where(scale == 0, torch.inf, scale)
 
 
 def _over(x: torch.Tensor, divisor: float) -> torch.Tensor:
