@@ -10,25 +10,17 @@ from fp4compile.passes import fp4_pass
 
 INNER_COMPILERS = ("inductor", "aot_eager")
 
-# Triton's `/` on FP32 is approximate (div.full.f32); IEEE division keeps the FP4 scales and values that
-# Inductor generates bit-identical with the eager reference on every device.
-INDUCTOR_PATCHES = {"eager_numerics.division_rounding": True}
-
-
-def _inductor(gm, example_inputs):
-    return compile_fx(gm, example_inputs, config_patches=INDUCTOR_PATCHES)
-
 
 def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
     """A torch.compile backend that quantizes matmuls as ``config`` says (default: the paper's recipe).
 
-    ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with IEEE-rounded FP32
-    division in Triton, as eager computes it), or "aot_eager" (AOTAutograd with eager kernels: the same
-    numerics without Inductor, for debugging)."""
+    ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with Inductor's default
+    settings), or "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for
+    debugging)."""
     config = config or FP4Config()
     if inner not in INNER_COMPILERS:
         raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
-    compile_inner = _inductor if inner == "inductor" else lookup_backend("aot_eager")
+    compile_inner = compile_fx if inner == "inductor" else lookup_backend("aot_eager")
 
     def fp4_backend(gm: torch.fx.GraphModule, example_inputs):
         fp4_pass(gm, example_inputs, config)

@@ -5,7 +5,6 @@ import torch
 
 import fp4compile
 from fp4compile import FP4Config
-from fp4compile.dynamo_backend import INDUCTOR_PATCHES
 from fp4compile.runtime import gemm, hopper
 from fp4compile.runtime.fp8 import quantize_fp8_rows
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
@@ -228,12 +227,12 @@ def test_transpose_kernel(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_quantized_operands_bit_exact_with_cpu(format, dtype, compiled):
-    """The FP4 values and scales made on the GPU (eager, or by Inductor with the fp4 backend's settings)
-    equal the CPU reference's bit for bit, including values planted on E2M1 rounding ties."""
+    """The FP4 values and scales made on the GPU (eager, or by Inductor with its default settings, as the
+    fp4 backend compiles) equal the CPU reference's bit for bit, including values planted on E2M1
+    rounding ties."""
     torch._dynamo.reset()
     x = _planted_ties(256, 512, dtype, torch.Generator().manual_seed(0))
-    options = {"options": INDUCTOR_PATCHES, "fullgraph": True}
-    quantize = torch.compile(gemm_operand, **options) if compiled else gemm_operand
+    quantize = torch.compile(gemm_operand, fullgraph=True) if compiled else gemm_operand
     values, scales = quantize(x.cuda(), format)
     ref_values, ref_scales = gemm_operand(x, format)
     assert torch.equal(_bits(scales.cpu()), _bits(ref_scales))
@@ -241,11 +240,25 @@ def test_quantized_operands_bit_exact_with_cpu(format, dtype, compiled):
 
 
 @needs_cuda
+def test_exact_div_compiled_on_cuda_is_ieee():
+    """Inductor's Triton code for exact_div (float64 inside) gives the CPU's IEEE float32 quotients, where
+    a float32 division in the same code would be approximate."""
+    from fp4compile.runtime.quantize import exact_div
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1 << 22, generator=g) * torch.exp2(torch.randint(-60, 60, (1 << 22,), generator=g))
+            for _ in range(2))
+    got = torch.compile(exact_div, fullgraph=True)(a.cuda(), b.cuda()).cpu()
+    assert torch.equal(got.view(torch.int32), (a / b).view(torch.int32))
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [E5M2, E4M3])
 def test_fp8_gradient_bit_exact_with_cpu(dtype):
     torch._dynamo.reset()
     g = torch.randn(300, 700, generator=torch.Generator().manual_seed(1)) * torch.rand(300, 1) * 100
-    data, scale = torch.compile(quantize_fp8_rows, options=INDUCTOR_PATCHES, fullgraph=True)(g.cuda(), dtype)
+    data, scale = torch.compile(quantize_fp8_rows, fullgraph=True)(g.cuda(), dtype)
     ref_data, ref_scale = quantize_fp8_rows(g, dtype)
     assert torch.equal(_bits(scale.cpu()), _bits(ref_scale))
     assert torch.equal(_bits(data.cpu()), _bits(ref_data))
@@ -321,5 +334,5 @@ def test_sampled_occ_thresholds_compiled_on_cuda():
 
     torch._dynamo.reset()
     x = torch.randn(32768, 768, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(lambda t: occ_thresholds(t, 0.99, 65536), options=INDUCTOR_PATCHES, fullgraph=True)
+    compiled = torch.compile(lambda t: occ_thresholds(t, 0.99, 65536), fullgraph=True)
     assert [float(t) for t in compiled(x)] == [float(t) for t in occ_thresholds(x, 0.99, 65536)]

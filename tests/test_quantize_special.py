@@ -185,3 +185,19 @@ def test_unknown_format():
     for fn in (quantize, fake_quantize):
         with pytest.raises(ValueError, match=r"unknown FP4 format 'fp4'.*'mxfp4', 'nvfp4', 'tensor', 'vector'"):
             fn(torch.ones(32), "fp4")
+
+
+def test_exact_div_is_float32_division():
+    """exact_div's float64 quotient rounded to float32 is the IEEE float32 quotient, over random bit
+    patterns (subnormals, huge and tiny quotients, overflow and underflow included) and special values."""
+    from fp4compile.runtime.quantize import exact_div
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31, (2, 1_000_000), generator=g, dtype=torch.int64).to(torch.int32)
+    a, b = bits.view(torch.float32)
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, 2.0**-149, 3.4e38])
+    a = torch.cat([a, special.repeat_interleave(len(special))])
+    b = torch.cat([b, special.repeat(len(special))])
+    got, want = exact_div(a, b), a / b
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} quotients differ"

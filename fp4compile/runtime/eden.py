@@ -20,6 +20,7 @@ import torch
 
 from fp4compile.runtime.e2m1 import round_to_e2m1
 from fp4compile.runtime.formats import E4M3_MAX
+from fp4compile.runtime.quantize import exact_div
 
 BLOCK = 16
 SCALE_OVERRIDE = (17 / 16) * 0.93
@@ -41,7 +42,7 @@ def stochastic_e4m3(s: torch.Tensor, generator: torch.Generator | None = None) -
     """s (positive FP32, below 448) rounded to a neighbouring E4M3 value, up with probability
     (s - down) / (up - down): E[result] = s."""
     down, up = _e4m3_neighbours(s)
-    p_up = torch.where(up > down, (s - down) / (up - down), 0.0)
+    p_up = torch.where(up > down, exact_div(s - down, up - down), 0.0)
     rand = torch.rand(s.shape, generator=generator, device=s.device)
     return torch.where(rand < p_up, up, down)
 
@@ -60,15 +61,15 @@ def ms_eden_operand(x: torch.Tensor, group: int = 128, generator: torch.Generato
                          f"({group}), itself a multiple of {BLOCK}")
     xb = x.float().unflatten(-1, (-1, BLOCK))  # [..., blocks, 16]
     ts = tensor_scale(x.float().abs().amax())
-    block = (xb.abs().amax(-1, keepdim=True) * (SCALE_OVERRIDE / 6.0) / ts).to(torch.float8_e4m3fn).float()
+    block = exact_div(xb.abs().amax(-1, keepdim=True) * (SCALE_OVERRIDE / 6.0), ts).to(torch.float8_e4m3fn).float()
     block = torch.where(block == 0, 1.0, block)  # an all-zero block: any scale, values are 0
-    scaled = xb / (block * ts)
+    scaled = exact_div(xb, block * ts)
     values = round_to_e2m1(scaled)
     per_group = group // BLOCK
     grouped = lambda t: t.unflatten(-2, (-1, per_group))  # noqa: E731  [..., groups, blocks per group, 16]
     num = grouped(scaled * scaled).sum((-2, -1), keepdim=True)
     den = grouped(scaled * values).sum((-2, -1), keepdim=True)
-    correction = torch.where(den == 0, 1.0, num / den)
+    correction = torch.where(den == 0, 1.0, exact_div(num, den))
     corrected = (grouped(block) * correction).clamp(max=E4M3_MAX).flatten(-3, -2)
     scales = stochastic_e4m3(corrected, generator)
     return (values * scales).flatten(-2).to(torch.bfloat16), ts

@@ -8,7 +8,8 @@ group dequantizes to NaN (the OCP MX convention: a NaN shared scale). An all-zer
 dequantizes to exact zeros (never NaN). Empty tensors give empty results.
 
 Scaled values are x * fl32(1 / s) (one IEEE division per group, a multiply per element) for "vector",
-"tensor" and "mxfp4", and x / s for "nvfp4", whose scale has no floor (see ``to_scaled_domain``).
+"tensor" and "mxfp4", and x / s for "nvfp4", whose scale has no floor (see ``to_scaled_domain``). Every
+division is ``exact_div``, so generated GPU code rounds it as eager PyTorch does.
 """
 
 from dataclasses import dataclass
@@ -56,14 +57,19 @@ def floored(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale.clamp(min=MIN_SCALE), scale)
 
 
-def reciprocal(scale: torch.Tensor) -> torch.Tensor:
-    """1 / scale per group, for quantizers to multiply every element by: a GPU's IEEE division costs
-    several instructions per element, this one per group. A zero scale (an all-zero group) gives 0, so
-    its values round to +-0; a NaN scale gives NaN.
+def exact_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b for float32 operands, IEEE-rounded in every backend without any compiler option: computed in
+    float64 and rounded to float32. Triton's float32 ``/`` in Inductor's code is approximate
+    (div.full.f32), its float64 one exact (div.rn.f64), and 53 >= 2 * 24 + 2 bits make the double
+    rounding innocuous, so the result is the correctly rounded float32 quotient everywhere."""
+    return (a.double() / b.double()).float()
 
-    A division of tensors, not ``1.0 / scale``: that traces to aten.reciprocal, which torch 2.11's Inductor
-    divides approximately on GPUs even under division_rounding (measured: 10270 of 67M values off)."""
-    return scale.new_ones(()) / torch.where(scale == 0, torch.inf, scale)
+
+def reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale per group, for quantizers to multiply every element by: an exact division costs several
+    instructions, this one per group. A zero scale (an all-zero group) gives 0, so its values round to
+    +-0; a NaN scale gives NaN."""
+    return exact_div(scale.new_ones(()), torch.where(scale == 0, torch.inf, scale))
 
 
 def _over(x: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -94,7 +100,7 @@ def _scales(xb: torch.Tensor, fmt: Format):
     tensor_amax = _amax(xb, (-2, -1)).amax() if xb.numel() else xb.new_zeros(())
     tensor_scale = nvfp4_tensor_scale(tensor_amax)
     safe_ts = torch.where(tensor_scale == 0, 1.0, tensor_scale)
-    block_scale = (_over(amax, e2m1.E2M1_MAX) / safe_ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    block_scale = exact_div(_over(amax, e2m1.E2M1_MAX), safe_ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     scale = poison(block_scale.float() * tensor_scale, amax)
     return scale, block_scale, tensor_scale
 
@@ -120,7 +126,7 @@ def to_scaled_domain(xb: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torc
     its kernels divide likewise. A zero scale (an all-zero group, or an NVFP4 block below E4M3's range)
     gives 0."""
     if fmt.name == "nvfp4":
-        return xb / torch.where(scale == 0, torch.inf, scale)
+        return exact_div(xb, torch.where(scale == 0, torch.inf, scale))
     return xb * reciprocal(scale)
 
 
