@@ -1,8 +1,8 @@
 """Quantize-kernel bandwidth: the FP4 and FP8 quantize passes of an FP4 Linear as Inductor generates them
-from the reference ops, and the transpose kernel of the hopper path, in GB/s (bytes read + written),
-next to a plain device copy of the same input bytes; and how many values and scales differ in their
-bits from the CPU reference. "div_rn" rows set Inductor's eager_numerics.division_rounding (IEEE
-division, as eager PyTorch divides two tensors).
+from the reference ops (with Inductor's default settings, as the fp4 backend compiles), the Triton
+kernel pair that quantizes dY for both gradient GEMMs, and the transpose kernel of the hopper path, in
+GB/s (bytes read + written), next to a plain device copy of the same input bytes; and how many values
+and scales differ in their bits from the CPU reference.
 
     PYTHONPATH=. python benchmarks/bench_quantize.py --out results/quantize.json
 """
@@ -11,7 +11,7 @@ import torch
 
 from common import copy_bandwidth_gbs, environment, parser, print_table, time_ms, write_json
 from fp4compile.runtime import hopper
-from fp4compile.runtime.fp8 import quantize_fp8_rows
+from fp4compile.runtime.fp8 import grad_operands, quantize_fp8_rows
 from fp4compile.runtime.kernels.transpose_triton import transpose_bytes
 from fp4compile.runtime.quantize import gemm_operand
 
@@ -34,17 +34,14 @@ def grad_cols(dy, row_scale):
     return hopper.row_major(data), scale
 
 
-def compiled(fn, div_rn=False):
-    """``fn`` through Inductor; ``div_rn`` sets Inductor's IEEE-division option, where this torch has it."""
-    fn = torch.compile(fn, dynamic=False)
-    if not div_rn:
-        return fn
+def grad_both(dy, col_scale, row_scale):
+    """Both gradient operands at once (fp8.grad_operands: the Triton kernel pair on CUDA), dW's row-major."""
+    (dx, dx_scale), (dw, dw_scale) = grad_operands(dy, col_scale, row_scale, E5M2)
+    return dx, dx_scale, hopper.row_major(dw), dw_scale
 
-    def run(*args):
-        with torch._inductor.config.patch({"eager_numerics.division_rounding": True}):
-            return fn(*args)
 
-    return run
+def compiled(fn):
+    return torch.compile(fn, dynamic=False)
 
 
 def transpose(values):
@@ -78,12 +75,8 @@ def main():
         ("fp4 weight [14336x4096] inductor", compiled(fp4_rows), fp4_rows, (w,)),
         ("fp8 grad for dX [16384x14336] inductor", compiled(grad_rows), grad_rows, (dy, col_scale)),
         ("fp8 grad^T for dW [14336x16384] inductor", compiled(grad_cols), grad_cols, (dy, row_scale)),
+        ("fp8 grads for dX and dW [16384x14336] triton_op", grad_both, grad_both, (dy, col_scale, row_scale)),
     ]
-    if hasattr(torch._inductor.config, "eager_numerics"):
-        variants += [
-            ("fp4 activation [16384x4096] inductor div_rn", compiled(fp4_rows, True), fp4_rows, (x,)),
-            ("fp8 grad for dX [16384x14336] inductor div_rn", compiled(grad_rows, True), grad_rows, (dy, col_scale)),
-        ]
     h_values = gemm_operand(dy, "vector")[0]
     variants.append(("e4m3 transpose [16384x14336] triton_op", transpose, lambda v: (v.t().contiguous(),), (h_values,)))
     rows = []

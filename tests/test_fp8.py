@@ -98,3 +98,24 @@ def test_get_fp8_dtype():
     assert set(FP8_DTYPES) == {"float8_e5m2", "float8_e4m3fn"}
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         get_fp8_dtype("float8_e4m3")
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_grad_operands_fold_quantize_and_skip_what_is_not_needed(need):
+    """grad_operands (the reference path, on CPU): dY times B's per-row scales quantized per row for dA,
+    dY^T times A's per-row scales quantized per row for dB ([N, M]), None where a gradient is not needed."""
+    from fp4compile.runtime.fp8 import grad_operands
+
+    g = torch.Generator().manual_seed(0)
+    dy = torch.randn(6, 5, generator=g).bfloat16()
+    fold_dx, fold_dw = torch.rand(1, 5, generator=g) + 0.5, torch.rand(1, 6, generator=g) + 0.5
+    for_dx, for_dw = grad_operands(dy, fold_dx, fold_dw, torch.float8_e5m2, *need)
+    want_dx = quantize_fp8_rows(dy.float() * fold_dx, torch.float8_e5m2)
+    want_dw = quantize_fp8_rows(dy.float().mT * fold_dw, torch.float8_e5m2)
+    for got, want, needed in ((for_dx, want_dx, need[0]), (for_dw, want_dw, need[1])):
+        assert (got is not None) == needed
+        if needed:
+            assert got[0].shape == want[0].shape and torch.equal(got[0].float(), want[0].float())
+            assert torch.equal(got[1], want[1])
+    if need[1]:
+        assert for_dw[0].shape == (5, 6)

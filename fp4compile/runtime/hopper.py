@@ -80,10 +80,10 @@ def _rowwise(scale: torch.Tensor, rows) -> torch.Tensor:
 
 
 def row_major(t: torch.Tensor) -> torch.Tensor:
-    """2-D ``t`` as a contiguous (row-major) tensor. The FP8 operands of both backward GEMMs arrive
-    transposed (the saved operand as a view; dW's gradient in the layout of dY): on CUDA a tiled kernel
-    writes the transpose, as Inductor would fuse a plain copy into the producer as uncoalesced stores
-    (kernels/transpose_triton.py says how slow)."""
+    """2-D ``t`` as a contiguous (row-major) tensor. The saved FP4 operand of each backward GEMM arrives
+    transposed (a view), as does dW's FP8 gradient where fp8.grad_operands takes the reference path: on
+    CUDA a tiled kernel writes the transpose, as Inductor would fuse a plain copy into the producer as
+    uncoalesced stores (kernels/transpose_triton.py says how slow)."""
     if t.is_contiguous():
         return t
     if t.is_cuda and t.element_size() == 1 and t.mT.is_contiguous():

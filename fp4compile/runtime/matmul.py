@@ -14,7 +14,7 @@ import torch
 
 from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
-from fp4compile.runtime.fp8 import get_fp8_dtype, quantize_fp8_rows
+from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands
 from fp4compile.runtime.gemm import native_block_gemm, row_scale_as_columns, scaled_gemm
 from fp4compile.runtime.occ import occ_clamp
 from fp4compile.runtime.quantize import gemm_operand, scaled_domain
@@ -40,14 +40,15 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype):
     return values, outer, residual, x
 
 
-def _grad_gemm(grad, other_values, other_outer, grad_dtype, out_dtype):
-    """grad [..., P, R] @ other [..., R, K], with other's per-R scale folded into grad before grad is
-    quantized per row (method.md: folding the scales), so the saved FP4 values are reused as they are."""
-    g = grad.float() * row_scale_as_columns(other_outer)
-    if grad_dtype is None:
-        return scaled_gemm(g, g.new_ones(()), other_values.mT, g.new_ones(()), out_dtype)
-    data, scale = quantize_fp8_rows(g, get_fp8_dtype(grad_dtype))
-    return scaled_gemm(data, scale, other_values.mT, g.new_ones(()), out_dtype)
+def _grad_operands(dy, ob, oa, grad_dtype, need_a: bool, need_b: bool):
+    """dY's operands for dA = dY @ B and dB = dY^T @ A, each (data, scale) or None: the other operand's
+    per-row scale (along this GEMM's reduction dim) is folded into dY before dY is quantized per row
+    (method.md: folding the scales), so the saved FP4 values are reused as they are."""
+    fold_a, fold_b = row_scale_as_columns(ob), row_scale_as_columns(oa)
+    if grad_dtype is not None:
+        return grad_operands(dy, fold_a, fold_b, get_fp8_dtype(grad_dtype), need_a, need_b)
+    one = dy.new_ones((), dtype=torch.float32)
+    return (dy.float() * fold_a, one) if need_a else None, (dy.mT.float() * fold_b, one) if need_b else None
 
 
 def _forward_gemm(ca, va, oa, cb, vb, ob, format, dtype):
@@ -94,15 +95,17 @@ class FP4MatmulNT(torch.autograd.Function):
         need_a, need_b, need_bias, _ = ctx.needs_input_grad
         da = db = dbias = None
         with torch.autocast(dy.device.type, enabled=False):
+            grad_a, grad_b = _grad_operands(dy, ob, oa, cfg.grad_dtype, need_a, need_b)
+            one = ob.new_ones(())
             if need_a:
-                da = _grad_gemm(dy, vb, ob, cfg.grad_dtype, a_dtype)
+                da = scaled_gemm(*grad_a, vb.mT, one, a_dtype)
                 if a_dge is not None:
                     da = da * dge_derivative(scaled_domain(a_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(a_dtype)
                 if rb is not None:
                     da = da + (dy @ rb.to(dy.dtype)).to(a_dtype)
                 da = da.sum_to_size(a_shape)
             if need_b:
-                db = _grad_gemm(dy.mT, va, oa, cfg.grad_dtype, b_dtype)
+                db = scaled_gemm(*grad_b, va.mT, one, b_dtype)
                 if b_dge is not None:
                     db = db * dge_derivative(scaled_domain(b_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(b_dtype)
                 if ra is not None:
