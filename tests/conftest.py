@@ -1,4 +1,9 @@
+import functools
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,6 +35,16 @@ def readable_code(gm) -> str:
         if line and not line.startswith("#") and not re.fullmatch(r"(\w+) = L_\w+", line):
             lines.append(line)
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def run_interpreted(script: str, *args: str, **env: str) -> dict:
+    """Run a test file as a script under Triton's interpreter (TRITON_INTERPRET=1 must be set before
+    triton is imported, hence a subprocess) and return the JSON it prints last."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", **env}
+    proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(autouse=True)

@@ -7,14 +7,12 @@ results as JSON: that is what the CPU numerics tests do, in a subprocess (the in
 before triton is imported).
 """
 
-import functools
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import run_interpreted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -223,20 +221,11 @@ needs_interpreted_dot_scaled = pytest.mark.skipif(
 )
 
 
-@functools.lru_cache(maxsize=None)
-def _run_interpreter() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, __file__, "interpret"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @needs_interpreted_dot_scaled
 def test_interpreter_numerics_match_reference():
     """Both formats, ragged M/N and K tails: the kernel's indexing, masking, K loop and epilogue, with
     dot_scaled given the formats' defined semantics (see _install_dot_scaled_semantics)."""
-    results = _run_interpreter()["fp4compile"]
+    results = run_interpreted(__file__, "interpret", TRITON_DEFAULT_FP_FUSION="1")["fp4compile"]
     assert len(results) == 2 * len(INTERPRET_CASES)
     bad = {case: ratio for case, ratio in results.items() if not ratio <= 1.0}
     assert not bad, f"error above the FP32-accumulation tolerance: {bad}"
@@ -245,7 +234,7 @@ def test_interpreter_numerics_match_reference():
 @needs_interpreted_dot_scaled
 def test_interpreter_quantize_kernel_bit_exact():
     """The Triton quantize kernel's packed codes and scales are the reference quantizer's, byte for byte."""
-    results = _run_interpreter()["quantize"]
+    results = run_interpreted(__file__, "interpret", TRITON_DEFAULT_FP_FUSION="1")["quantize"]
     assert len(results) == 2 * (len(list(_quantize_inputs())) + 1)
     assert all(results.values()), [case for case, same in results.items() if not same]
 
@@ -253,7 +242,7 @@ def test_interpreter_quantize_kernel_bit_exact():
 @needs_interpreted_dot_scaled
 def test_interpreter_numerics_triton_semantics_mxfp4():
     """MXFP4 through Triton's own interpreted dot_scaled (E8M0 decode is Triton's, not ours)."""
-    results = _run_interpreter()["triton"]
+    results = run_interpreted(__file__, "interpret", TRITON_DEFAULT_FP_FUSION="1")["triton"]
     assert len(results) == len(INTERPRET_CASES)
     bad = {case: ratio for case, ratio in results.items() if not ratio <= 1.0}
     assert not bad, f"error above the FP32-accumulation tolerance: {bad}"

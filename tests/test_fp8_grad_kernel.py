@@ -11,14 +11,12 @@ interpreter converts BF16 subnormals wrongly). Run as
 ``TRITON_INTERPRET=1 python tests/test_fp8_grad_kernel.py``, this file prints the interpreter results.
 """
 
-import functools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -90,14 +88,6 @@ def _all_cases(device: str) -> dict:
     return results
 
 
-@functools.lru_cache(maxsize=None)
-def _run_interpreter() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _check(results: dict) -> None:
     assert len(results) == len(SHAPES) * 2 * len(DTYPES)
     for name, outputs in results.items():
@@ -106,7 +96,7 @@ def _check(results: dict) -> None:
 
 @pytest.mark.skipif(torch.__version__ < (2, 13), reason="torch < 2.13's wrap_triton rejects interpreted kernels")
 def test_interpreter_matches_reference():
-    _check(_run_interpreter())
+    _check(run_interpreted(__file__))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -10,14 +10,11 @@ boundary may round the other way, so there the test bounds the fraction of diffe
 interpreter results as JSON.
 """
 
-import functools
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 triton = pytest.importorskip("triton")
 
@@ -70,14 +67,6 @@ def _all_cases(device: str) -> dict:
     return {name: _compare(*case, device) for name, case in cases.items()}
 
 
-@functools.lru_cache(maxsize=None)
-def _run_interpreter() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _check(results: dict) -> None:
     assert len(results) == len(EXACT_CASES) + len(GENERAL_CASES)
     for name, r in results.items():
@@ -90,7 +79,7 @@ def _check(results: dict) -> None:
 
 
 def test_interpreter_matches_reference():
-    _check(_run_interpreter())
+    _check(run_interpreted(__file__))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
