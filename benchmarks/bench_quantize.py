@@ -75,10 +75,10 @@ def main():
         ("fp4 weight [14336x4096] inductor", compiled(fp4_rows), fp4_rows, (w,)),
         ("fp8 grad for dX [16384x14336] inductor", compiled(grad_rows), grad_rows, (dy, col_scale)),
         ("fp8 grad^T for dW [14336x16384] inductor", compiled(grad_cols), grad_cols, (dy, row_scale)),
-        ("fp8 grads for dX and dW [16384x14336] triton_op", grad_both, grad_both, (dy, col_scale, row_scale)),
+        ("fp8 grads for dX and dW [16384x14336] triton kernels", grad_both, grad_both, (dy, col_scale, row_scale)),
     ]
     h_values = gemm_operand(dy, "vector")[0]
-    variants.append(("e4m3 transpose [16384x14336] triton_op", transpose, lambda v: (v.t().contiguous(),), (h_values,)))
+    variants.append(("e4m3 transpose [16384x14336] triton kernel", transpose, lambda v: (v.t().contiguous(),), (h_values,)))
     rows = []
     for name, fn, ref_fn, inputs in variants:
         torch._dynamo.reset()  # each variant compiles afresh, with static shapes

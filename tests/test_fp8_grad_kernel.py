@@ -94,7 +94,6 @@ def _check(results: dict) -> None:
         assert outputs == [[True, True]] * 4, (name, outputs)  # shape and bits of dX, its scale, dW, its scale
 
 
-@pytest.mark.skipif(torch.__version__ < (2, 13), reason="torch < 2.13's wrap_triton rejects interpreted kernels")
 def test_interpreter_matches_reference():
     _check(run_interpreted(__file__))
 

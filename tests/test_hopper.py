@@ -1,5 +1,7 @@
 """The FP8 tensor-core path of scaled_gemm: its dispatch rules (CPU, in CI) and its numerics (CUDA)."""
 
+import re
+
 import pytest
 import torch
 
@@ -336,3 +338,38 @@ def test_sampled_occ_thresholds_compiled_on_cuda():
     x = torch.randn(32768, 768, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(lambda t: occ_thresholds(t, 0.99, 65536), fullgraph=True)
     assert [float(t) for t in compiled(x)] == [float(t) for t in occ_thresholds(x, 0.99, 65536)]
+
+
+class _SharedInputs(torch.nn.Module):
+    """q/k/v-style projections of one input and a SwiGLU: the shapes of the inputs that sites share."""
+
+    def __init__(self, d=256, hidden=512):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+        self.gate, self.up = torch.nn.Linear(d, hidden, bias=False), torch.nn.Linear(d, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        h = self.q(x) * self.k(x) + self.v(x)
+        return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+@needs_fp8
+def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
+    """The FP8 path's custom ops in a compiled step: one transpose of the FP4 values of each input (x for
+    q/k/v, h for gate/up, the SwiGLU output for down: AOTAutograd's CSE merges a shared input's) plus one
+    per weight, and the silu-backward kernel writes dY of gate and of up once each for the FP8 kernel
+    pair (its schema says it only reads them: no copy per kernel)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = _SharedInputs().cuda().bfloat16()
+    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(occ=False)))
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    _, codes = run_and_get_code(lambda: compiled(x).float().square().mean().backward())
+    code = "\n".join(codes)
+    assert len(re.findall(r"fp4compile\.transpose_bytes\.default\(", code)) == 3 + 6
+    assert len(re.findall(r"fp4compile\.fp8_grad_operands\.default\(", code)) == 6
+    kernels = dict(re.findall(r"@triton\.jit\ndef (\w+)\((.*?)\n\'\'\'", code, re.S))
+    silu_backward = [source for name, source in kernels.items() if "silu_backward" in name]
+    assert len(silu_backward) == 1 and silu_backward[0].count("tl.store(") == 2, silu_backward

@@ -8,12 +8,16 @@ and stores the dW operand in dY's layout, so a transpose kernel follows. Here pa
 row and column amaxes into two vectors (an atomic max on the float bits, which order like the floats
 since they are >= 0), and pass 2 re-reads the tile, quantizes it both ways and stores the dW operand
 transposed (Triton moves the tile through shared memory, so both stores coalesce).
+
+A ``torch.library.custom_op`` rather than a ``triton_op``: its schema says dY is only read, so the
+compiled backward writes dY once. Traced as a triton_op, each kernel's inputs went through Inductor's
+analysis of what a kernel mutates, which failed under torch 2.11 and cloned dY for each of the two
+kernels (docs/performance.md).
 """
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from fp4compile.runtime.quantize import MIN_SCALE
 
@@ -80,7 +84,7 @@ def _quantize_kernel(x_ptr, fc_ptr, fr_ptr, row_amax_ptr, col_amax_ptr, dx_ptr, 
         tl.store(dw_scale_ptr + cols, col_scale, mask=cmask)
 
 
-@triton_op("fp4compile::fp8_grad_operands", mutates_args=())
+@torch.library.custom_op("fp4compile::fp8_grad_operands", mutates_args=())
 def fp8_grad_operands(
     dy: torch.Tensor, fold_cols: torch.Tensor, fold_rows: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,13 +95,20 @@ def fp8_grad_operands(
     dx, dw = torch.empty((m, n), dtype=dtype, device=dy.device), torch.empty((n, m), dtype=dtype, device=dy.device)
     dx_scale = torch.empty((m, 1), dtype=torch.float32, device=dy.device)
     dw_scale = torch.empty((n, 1), dtype=torch.float32, device=dy.device)
-    row_amax = torch.zeros(m, dtype=torch.int32, device=dy.device)
-    col_amax = torch.zeros(n, dtype=torch.int32, device=dy.device)
+    amax = torch.zeros(m + n, dtype=torch.int32, device=dy.device)  # one memset for both
+    row_amax, col_amax = amax[:m], amax[m:]
     bm, bn = AMAX_TILE
-    wrap_triton(_amax_kernel)[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+    _amax_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         dy, fold_cols, fold_rows, row_amax, col_amax, m, n, BLOCK_M=bm, BLOCK_N=bn)
     bm, bn = QUANTIZE_TILE
-    wrap_triton(_quantize_kernel)[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+    _quantize_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         dy, fold_cols, fold_rows, row_amax.view(torch.float32), col_amax.view(torch.float32), dx, dx_scale, dw,
         dw_scale, m, n, INV_MAX=1.0 / torch.finfo(dtype).max, MIN_SCALE=MIN_SCALE, BLOCK_M=bm, BLOCK_N=bn)
     return dx, dx_scale, dw, dw_scale
+
+
+@fp8_grad_operands.register_fake
+def _(dy, fold_cols, fold_rows, dtype):
+    m, n = dy.shape
+    return (dy.new_empty((m, n), dtype=dtype), dy.new_empty((m, 1), dtype=torch.float32),
+            dy.new_empty((n, m), dtype=dtype), dy.new_empty((n, 1), dtype=torch.float32))

@@ -5,14 +5,17 @@ quantize kernel that produced the operand as a loop whose stores walk down a col
 at a stride of M bytes (a 32-sector store per warp instruction): 3.8 ms for a 16384 x 14336 operand on
 an H100, where reading and writing 235 MB takes ~0.16 ms. Here each program loads a tile along rows and
 stores it along rows of the output (Triton moves the tile through shared memory), so both sides
-coalesce. Registered with ``torch.library.triton_op``, so torch.compile traces it and calls the kernel
-directly.
+coalesce.
+
+A ``torch.library.custom_op`` rather than a ``triton_op``: torch.compile sees one opaque call that reads
+``x``, so AOTAutograd's CSE merges the transposes of a tensor that several sites share (the FP4 values of
+q/k/v's or gate/up's input). A traced triton_op writes into a fresh ``empty`` buffer per call, which CSE
+never merges.
 """
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 _TILE = 128
 
@@ -26,12 +29,17 @@ def _transpose_tiles(x_ptr, y_ptr, R, C, TILE: tl.constexpr):
     tl.store(y_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(tile), mask=tl.trans(mask))
 
 
-@triton_op("fp4compile::transpose_bytes", mutates_args=())
+@torch.library.custom_op("fp4compile::transpose_bytes", mutates_args=())
 def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
     """x [R, C] (contiguous, 1-byte dtype, CUDA) -> x.t().contiguous() [C, R]."""
     rows, cols = x.shape
     out = torch.empty((cols, rows), dtype=x.dtype, device=x.device)
     if x.numel():
         grid = (triton.cdiv(rows, _TILE), triton.cdiv(cols, _TILE))
-        wrap_triton(_transpose_tiles)[grid](x.view(torch.uint8), out.view(torch.uint8), rows, cols, TILE=_TILE)
+        _transpose_tiles[grid](x.view(torch.uint8), out.view(torch.uint8), rows, cols, TILE=_TILE)
     return out
+
+
+@transpose_bytes.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[1], x.shape[0]))
