@@ -1,5 +1,8 @@
 """The ``fp4`` torch.compile backend: the FP4 pass on Dynamo's graph, then Inductor."""
 
+import functools
+import importlib.util
+
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 from torch._inductor.compile_fx import compile_fx
@@ -9,6 +12,25 @@ from fp4compile.passes import fp4_pass
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
+
+
+@functools.cache
+def realize_shared_gemm_operands() -> None:
+    """Have Inductor store a quantized operand once when several extern kernels read it (x's FP4 values
+    feed the q, k and v GEMMs and the transpose saved for dW). Inductor gives an extern kernel an input
+    that is not yet a buffer as a copy, fused into the producer as one more store per reader, unless the
+    reader is in its ``needs_realized_inputs`` (as ``aten.mm`` is, ``aten._scaled_mm`` and custom ops are
+    not): then a value with several users becomes one buffer first, if computing it reads more than one
+    buffer (``realize_hint``; on torch 2.11 the values of a SwiGLU output read one, and keep a copy per
+    reader). Changes no numerics."""
+    from torch._inductor.lowering import add_needs_realized_inputs
+
+    ops = [torch.ops.aten._scaled_mm.default]
+    if importlib.util.find_spec("triton"):
+        from fp4compile.runtime.kernels import fp8_grad_triton, transpose_triton
+
+        ops += [fp8_grad_triton.fp8_grad_operands._opoverload, transpose_triton.transpose_bytes._opoverload]
+    add_needs_realized_inputs(ops)
 
 
 def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
@@ -24,6 +46,8 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
 
     def fp4_backend(gm: torch.fx.GraphModule, example_inputs):
         fp4_pass(gm, example_inputs, config)
+        if inner == "inductor":
+            realize_shared_gemm_operands()
         return compile_inner(gm, example_inputs)
 
     fp4_backend.config = config

@@ -261,3 +261,24 @@ def test_sites_sharing_an_input_quantize_and_save_it_once(config):
     assert len(like_x) == 1 + config.occ, [(t.dtype, t.shape) for t in like_x]
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_an_operand_several_gemms_read_is_stored_once():
+    """x's FP4 values, read by two _scaled_mm GEMMs (as q/k/v read theirs on the FP8 path), become one
+    buffer: the backend has Inductor realize them (dynamo_backend.realize_shared_gemm_operands) rather
+    than fuse one copy per GEMM into the quantize kernel."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from fp4compile.runtime.quantize import gemm_operand
+
+    def two_gemms(x, w1, w2):
+        xv, one = gemm_operand(x, "vector")[0], torch.ones((), dtype=torch.float32)
+        return [torch._scaled_mm(xv, gemm_operand(w, "vector")[0].t(), one, one, out_dtype=torch.bfloat16)
+                for w in (w1, w2)]
+
+    x, w1, w2 = (torch.randn(n, 64, dtype=torch.bfloat16) for n in (32, 48, 16))
+    _, (code,) = run_and_get_code(torch.compile(two_gemms, backend=fp4compile.backend()), x, w1, w2)
+    first_operands = re.findall(r"_scaled_mm\((\w+),", code)
+    assert len(first_operands) == 2 and first_operands[0] == first_operands[1], first_operands
