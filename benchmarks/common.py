@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -88,20 +89,25 @@ def environment() -> dict:
 
 
 def time_ms(fn, warmup: int = 3, iters: int = 20) -> dict:
-    """Median and spread of ``fn``'s device time in ms (CUDA events around each call)."""
+    """Median and spread of ``fn``'s device time in ms (CUDA events around each call), and the median
+    host time until ``fn`` returns (launching its work): near the device time, the host is what limits."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     times.sort()
-    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "iters": iters}
+    host.sort()
+    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "iters": iters,
+            "host_ms": host[len(host) // 2]}
 
 
 def copy_bandwidth_gbs(nbytes: int) -> float:
@@ -112,7 +118,7 @@ def copy_bandwidth_gbs(nbytes: int) -> float:
     return 2 * nbytes / t / 1e6
 
 
-def top_kernels(fn, n: int = 15) -> dict:
+def top_kernels(fn, n: int = 40) -> dict:
     """GPU time of one call of ``fn`` (torch.profiler): the ``n`` kernels taking the most, the total, and
     the part spent in matrix-multiply kernels (cuBLAS' nvjet/gemm, CUTLASS)."""
     torch.cuda.synchronize()
