@@ -103,5 +103,12 @@ def test_gpu_matches_reference():
     _check(_all_cases("cuda"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_custom_op_schema_and_fake_match_the_kernel():
+    dy, fold_cols, fold_rows = _inputs(100, 70, False, "cuda")
+    torch.library.opcheck(fp8_grad_operands, (dy, fold_cols, fold_rows, torch.float8_e5m2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 if __name__ == "__main__":
     print(json.dumps(_all_cases("cpu")))
