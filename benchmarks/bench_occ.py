@@ -39,9 +39,10 @@ def main():
             ref, got = (r @ w.mT).float(), torch.sparse.mm(csr, w.mT).float()
             rows.append({
                 "shape": f"{name} {m}x{k}x{n}", "activation": "8 outlier channels" if channels else "gaussian",
-                "nonzero": csr.values().numel() / r.numel(), "columns with outliers": float((r != 0).any(0).float().mean()),
-                "dense bf16 ms": dense, "csr spmm ms": spmm, "to csr ms": convert, "spmm / dense": (spmm + convert) / dense,
-                "spmm rel err": float((got - ref).norm() / ref.norm()),
+                "nonzero": csr.values().numel() / r.numel(),
+                "columns with outliers": float((r != 0).any(0).float().mean()),
+                "dense bf16 ms": dense, "csr spmm ms": spmm, "to csr ms": convert,
+                "spmm / dense": (spmm + convert) / dense, "spmm rel err": float((got - ref).norm() / ref.norm()),
             })
     print_table(rows, ["shape", "activation", "nonzero", "columns with outliers", "dense bf16 ms", "csr spmm ms",
                        "to csr ms", "spmm / dense", "spmm rel err"], "OCC compensation R @ W^T: dense vs sparse")

@@ -78,7 +78,8 @@ def main():
         ("fp8 grads for dX and dW [16384x14336] triton kernels", grad_both, grad_both, (dy, col_scale, row_scale)),
     ]
     h_values = gemm_operand(dy, "vector")[0]
-    variants.append(("e4m3 transpose [16384x14336] triton kernel", transpose, lambda v: (v.t().contiguous(),), (h_values,)))
+    variants.append(("e4m3 transpose [16384x14336] triton kernel", transpose, lambda v: (v.t().contiguous(),),
+                     (h_values,)))
     rows = []
     for name, fn, ref_fn, inputs in variants:
         torch._dynamo.reset()  # each variant compiles afresh, with static shapes

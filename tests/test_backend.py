@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -267,8 +268,6 @@ def test_an_operand_several_gemms_read_is_stored_once():
     """x's FP4 values, read by two _scaled_mm GEMMs (as q/k/v read theirs on the FP8 path), become one
     buffer: the backend has Inductor realize them (dynamo_backend.realize_shared_gemm_operands) rather
     than fuse one copy per GEMM into the quantize kernel."""
-    import re
-
     from torch._inductor.utils import run_and_get_code
 
     from fp4compile.runtime.quantize import gemm_operand
