@@ -22,7 +22,8 @@ def realize_shared_gemm_operands() -> None:
     reader is in its ``needs_realized_inputs`` (as ``aten.mm`` is, ``aten._scaled_mm`` and custom ops are
     not): then a value with several users becomes one buffer first, if computing it reads more than one
     buffer (``realize_hint``; on torch 2.11 the values of a SwiGLU output read one, and keep a copy per
-    reader). Changes no numerics."""
+    reader). Changes no numerics; Inductor keeps the set per process, so later compiles with other
+    backends in the process (torchao's float8 uses ``_scaled_mm`` too) see it as well."""
     from torch._inductor.lowering import add_needs_realized_inputs
 
     ops = [torch.ops.aten._scaled_mm.default]
