@@ -28,9 +28,9 @@ def realize_shared_gemm_operands() -> None:
 
     ops = [torch.ops.aten._scaled_mm.default]
     if importlib.util.find_spec("triton"):
-        from fp4compile.runtime.kernels import fp8_grad_triton, transpose_triton
+        from fp4compile.runtime.kernels import fp8_grad_triton, transpose_triton  # noqa: F401  (registers the ops)
 
-        ops += [fp8_grad_triton.fp8_grad_operands._opoverload, transpose_triton.transpose_bytes._opoverload]
+        ops += [torch.ops.fp4compile.fp8_grad_operands.default, torch.ops.fp4compile.transpose_bytes.default]
     add_needs_realized_inputs(ops)
 
 
