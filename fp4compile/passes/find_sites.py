@@ -6,7 +6,7 @@ A site is one matmul node with its two multiplied operands (A, B) named in the o
 
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -45,7 +45,6 @@ class Site:
     weights: tuple = (None, None)
     status: str = "fp4"
     reason: str | None = None
-    notes: list = field(default_factory=list)
 
     def skip(self, reason: str) -> None:
         if self.status == "fp4":
