@@ -44,7 +44,7 @@ def main():
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = SwiGLU(args.dim, args.hidden).cuda().bfloat16()
-        backend = prepare(model, variant)
+        backend = prepare(model, variant, args.fp4_options)
         fn = torch.compile(model, backend=backend) if backend else model
 
         def step():

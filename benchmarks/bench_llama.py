@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from common import model_parser, prepare, print_table, report, short_error, time_ms, top_kernels
 
 
-def build(variant, seq):
+def build(variant, seq, fp4_options):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -26,15 +26,15 @@ def build(variant, seq):
     config._attn_implementation = "sdpa"
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).bfloat16()
-    backend = prepare(model, variant)
+    backend = prepare(model, variant, fp4_options)
     if backend is not None:
         for layer in model.model.layers:
             layer.compile(backend=backend)
     return model
 
 
-def run(variant, batch, seq, iters, want_profile):
-    model = build(variant, seq)
+def run(variant, batch, seq, iters, want_profile, fp4_options):
+    model = build(variant, seq, fp4_options)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
@@ -75,7 +75,8 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                row, prof = run(variant, batch, args.seq, args.iters, variant in args.profile.split(","))
+                row, prof = run(variant, batch, args.seq, args.iters, variant in args.profile.split(","),
+                                args.fp4_options)
                 break
             except torch.OutOfMemoryError:
                 if batch == 1:

@@ -57,7 +57,7 @@ def main():
         torch.manual_seed(0)
         with torch.device(args.device):
             model = LlamaForCausalLM(config).bfloat16()
-        backend = prepare(model, variant)
+        backend = prepare(model, variant, args.fp4_options)
         if backend is not None:
             for layer in model.model.layers:
                 layer.compile(backend=backend)

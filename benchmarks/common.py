@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -39,9 +40,10 @@ def default_variants() -> str:
     return ",".join(VARIANTS)
 
 
-def prepare(model: torch.nn.Module, variant: str):
+def prepare(model: torch.nn.Module, variant: str, fp4_options: dict | None = None):
     """Make ``model`` ready for ``variant`` and return the torch.compile backend it runs with (None:
-    eager). torchao swaps the model's Linears (all but lm_head) for Float8Linear, compiled by Inductor."""
+    eager). torchao swaps the model's Linears (all but lm_head) for Float8Linear, compiled by Inductor.
+    ``fp4_options`` (Inductor options, as torch.compile's ``options``) go to fp4compile's variants only."""
     if variant in TORCHAO:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -49,7 +51,10 @@ def prepare(model: torch.nn.Module, variant: str):
         convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: "lm_head" not in fqn)
         return "inductor"
     backend = VARIANTS[variant]
-    return fp4compile.backend(backend) if isinstance(backend, FP4Config) else backend
+    if not isinstance(backend, FP4Config):
+        return backend
+    fp4 = fp4compile.backend(backend)
+    return functools.partial(fp4, options=fp4_options) if fp4_options else fp4
 
 
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -59,9 +64,12 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
 
 
 def model_parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    """The parser of a model benchmark: --out and --variants."""
+    """The parser of a model benchmark: --out, --variants and --fp4-options."""
     p = parser(description, default_out)
     p.add_argument("--variants", default=default_variants(), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--fp4-options", type=json.loads, default=None,
+                   help="Inductor options for the fp4 variants, as JSON (torch.compile's options=), e.g. "
+                        "'{\"coordinate_descent_tuning\": true}'; the other variants keep Inductor's defaults")
     return p
 
 

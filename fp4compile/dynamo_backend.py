@@ -34,22 +34,39 @@ def realize_shared_gemm_operands() -> None:
     add_needs_realized_inputs(ops)
 
 
+def inductor_patches(mode: str | None = None, options: dict | None = None) -> dict:
+    """Inductor settings for torch.compile's ``mode`` and ``options``, as backend="inductor" reads them: the
+    mode's (``torch._inductor.list_mode_options``), then each option (``torch._inductor.list_options``)."""
+    from torch._inductor import list_mode_options, list_options
+
+    patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in list_options():
+            raise ValueError(f"unknown Inductor option {key!r}: torch._inductor.list_options() lists them")
+        patches[name] = value
+    return patches
+
+
 def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
     """A torch.compile backend that quantizes matmuls as ``config`` says (default: the paper's recipe).
 
     ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with Inductor's default
-    settings), or "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for
-    debugging)."""
+    settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor"), or
+    "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for debugging)."""
     config = config or FP4Config()
     if inner not in INNER_COMPILERS:
         raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
-    compile_inner = compile_fx if inner == "inductor" else lookup_backend("aot_eager")
 
-    def fp4_backend(gm: torch.fx.GraphModule, example_inputs):
+    def fp4_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
+        if inner != "inductor" and (mode or options):
+            raise ValueError(f"mode and options configure Inductor, which inner={inner!r} does not use")
+        patches = inductor_patches(mode, options) if inner == "inductor" else None
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
             realize_shared_gemm_operands()
-        return compile_inner(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches=patches)
+        return lookup_backend(inner)(gm, example_inputs)
 
     fp4_backend.config = config
     return fp4_backend

@@ -14,7 +14,8 @@ from conftest import rewritten
 
 import fp4compile
 from fp4compile import FP4Config
-from fp4compile.dynamo_backend import fp4_backend
+from fp4compile import dynamo_backend
+from fp4compile.dynamo_backend import fp4_backend, inductor_patches
 from fp4compile.passes.find_sites import clean_fqn
 
 
@@ -56,6 +57,35 @@ def test_recipes_and_config_errors():
         fp4compile.compile(_mlp(), backend="inductor")
     with pytest.raises(ValueError, match="inner must be one of"):
         fp4compile.backend(inner="eager")
+
+
+def test_mode_and_options_reach_inductor(monkeypatch):
+    """torch.compile's mode and options configure Inductor under the fp4 backend as under backend="inductor",
+    through the backend string and through fp4compile.compile; wrong ones fail naming the way out."""
+    patches = []
+    compile_fx = dynamo_backend.compile_fx
+
+    def recording(gm, example_inputs, config_patches):
+        patches.append(config_patches)
+        return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+    monkeypatch.setattr(dynamo_backend, "compile_fx", recording)
+    model, x = _mlp(), torch.randn(4, 64)
+    want = torch.compile(model, backend="fp4")(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend="fp4", mode="reduce-overhead")(x), want)
+    torch._dynamo.reset()
+    torch.testing.assert_close(fp4compile.compile(model, options={"coordinate-descent-tuning": True})(x), want)
+    assert patches == [{}, {"triton.cudagraphs": True}, {"coordinate_descent_tuning": True}]
+    assert inductor_patches("max-autotune-no-cudagraphs") == {"max_autotune": True, "coordinate_descent_tuning": True}
+    for kwargs, message in (({"options": {"no_such_option": 1}}, "unknown Inductor option 'no_such_option'"),
+                            ({"mode": "fastest"}, "Unrecognized mode=fastest")):
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=message):
+            torch.compile(model, backend="fp4", **kwargs)(x)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="which inner='aot_eager' does not use"):
+        torch.compile(model, backend=fp4compile.backend(inner="aot_eager"), mode="max-autotune")(x)
 
 
 def test_include_exclude_filters():
