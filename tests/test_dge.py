@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp4compile.runtime.dge import dge_derivative, dge_smooth
+from fp4compile.runtime.dge import _interval, dge_derivative, dge_smooth
 
 # The quantization intervals of the scaled weight's magnitude (docs/method.md): width 0.5 below 2, 1 below 4, 2 to 6.
 INTERVALS = [(0.0, 0.5), (0.5, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 6.0)]
@@ -87,6 +87,17 @@ def test_f_midpoints_odd_monotone_and_within_interval():
 def test_k1_is_identity():
     torch.testing.assert_close(dge_smooth(POINTS, k=1.0), POINTS, rtol=0, atol=1e-6)
     assert torch.allclose(dge_derivative(POINTS, k=1.0), torch.ones_like(POINTS))
+
+
+@pytest.mark.parametrize("k", [1.0, 5.0])
+def test_derivative_equals_the_xlogy_form_with_nan_and_midpoints(k):
+    """exp(e * ln t) with a Python exponent computes what exp(xlogy(e, t)) did: the same at the midpoints
+    (t = 0, where k = 1 needs t^0 = 1) and for NaN weights, elsewhere within a few ulp (CPU's vectorized log
+    and xlogy's scalar one differ by an ulp, which exp scales by e * ln t)."""
+    w = torch.cat([POINTS, torch.tensor(MIDPOINTS), torch.tensor([float("nan"), 0.0, 6.0, -6.0])])
+    _, _, u = _interval(w)
+    old = (torch.exp(torch.special.xlogy(1 / k - 1, (2 * u - 1).abs())) / k).clamp(max=3.0)
+    torch.testing.assert_close(dge_derivative(w, k), old, rtol=1e-6, atol=0, equal_nan=True)
 
 
 def test_clip_at_midpoints():

@@ -5,7 +5,7 @@ bit-exact and the data are compared after the interpreter's own FP32 -> FP8 cast
 FP32 values (the interpreter's cast does not round to nearest, and casts NaN to arbitrary values, so
 there data are compared where the reference's are not NaN; the device's cast is compared as is).
 
-Cases: ragged shapes (not multiples of the 64 x 64 tile), per-row and 0-d folds, a NaN, an inf, an
+Cases: ragged shapes (not multiples of the tiles), per-row and 0-d folds, a NaN, an inf, an
 all-zero row and column, and a row tiny enough for the 2^-126 scale floor (normal in BF16: the
 interpreter converts BF16 subnormals wrongly). Run as
 ``TRITON_INTERPRET=1 python tests/test_fp8_grad_kernel.py``, this file prints the interpreter results.
