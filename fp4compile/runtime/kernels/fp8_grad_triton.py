@@ -99,8 +99,8 @@ def _fp8_grad_operands(dy: torch.Tensor, fold_cols: torch.Tensor, fold_rows: tor
     dx, dw = torch.empty((m, n), dtype=dtype, device=dy.device), torch.empty((n, m), dtype=dtype, device=dy.device)
     dx_scale = torch.empty((m, 1), dtype=torch.float32, device=dy.device)
     dw_scale = torch.empty((n, 1), dtype=torch.float32, device=dy.device)
-    amax = torch.zeros(m + n, dtype=torch.int32, device=dy.device)
-    recip = torch.empty(m + n, dtype=torch.float32, device=dy.device)
+    work = torch.zeros(2 * (m + n), dtype=torch.int32, device=dy.device)  # one allocation for both
+    amax, recip = work[: m + n], work[m + n :].view(torch.float32)
     bm, bn, warps = AMAX_TILE
     _amax_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         dy, fold_cols, fold_rows, amax, m, n, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
