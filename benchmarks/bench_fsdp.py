@@ -85,7 +85,7 @@ def run(variant, args, device) -> dict:
 def main():
     p = parser(__doc__, "results/fsdp.json")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--batch", type=int, default=4, help="sequences per GPU")
+    p.add_argument("--batch", type=int, default=8, help="sequences per GPU (bench_llama.py's batch on one GPU)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
