@@ -1,6 +1,7 @@
 """Quantize-kernel bandwidth: the FP4 and FP8 quantize passes of an FP4 Linear as Inductor generates them
 from the reference ops (with Inductor's default settings, as the fp4 backend compiles), the Triton
-kernel pair that quantizes dY for both gradient GEMMs, and the transpose kernel of the hopper path, in
+kernel for activations' FP4 operands (also after a SwiGLU, against Inductor's fusion of the two), the
+Triton kernel pair that quantizes dY for both gradient GEMMs, and the transpose kernel of the hopper path, in
 GB/s (bytes read + written), next to a plain device copy of the same input bytes; and how many values
 and scales differ in their bits from the CPU reference.
 
@@ -12,6 +13,7 @@ import torch
 from common import copy_bandwidth_gbs, environment, parser, print_table, time_ms, write_json
 from fp4compile.runtime import hopper
 from fp4compile.runtime.fp8 import grad_operands, quantize_fp8_rows
+from fp4compile.runtime.kernels import fp4_rows_triton
 from fp4compile.runtime.kernels.transpose_triton import transpose_bytes
 from fp4compile.runtime.quantize import gemm_operand
 
@@ -20,6 +22,11 @@ E5M2 = torch.float8_e5m2
 
 def fp4_rows(x):
     return gemm_operand(x, "vector")
+
+
+def swiglu_rows(g, u):
+    """The SwiGLU output's FP4 operand, as the fp4 backend quantizes the down projection's input."""
+    return fp4_rows(torch.nn.functional.silu(g) * u)
 
 
 def grad_rows(dy, col_scale):
@@ -66,13 +73,19 @@ def main():
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 1e-3
+    g, u = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    silu_mul = compiled(lambda a, b: torch.nn.functional.silu(a) * b)
     col_scale = torch.rand(1, n, device="cuda") + 0.5
     row_scale = torch.rand(1, m, device="cuda") + 0.5
 
     variants = [  # (name, GPU function, CPU reference, inputs)
         ("fp4 activation [16384x4096] eager", fp4_rows, fp4_rows, (x,)),
         ("fp4 activation [16384x4096] inductor", compiled(fp4_rows), fp4_rows, (x,)),
+        ("fp4 activation [16384x4096] triton kernel", fp4_rows_triton.fp4_rows, fp4_rows, (x,)),
         ("fp4 weight [14336x4096] inductor", compiled(fp4_rows), fp4_rows, (w,)),
+        ("fp4 SwiGLU output [16384x14336] inductor, fused", compiled(swiglu_rows), swiglu_rows, (g, u)),
+        ("fp4 SwiGLU output [16384x14336] inductor silu*up, triton kernel",
+         lambda a, b: fp4_rows_triton.fp4_rows(silu_mul(a, b)), swiglu_rows, (g, u)),
         ("fp8 grad for dX [16384x14336] inductor", compiled(grad_rows), grad_rows, (dy, col_scale)),
         ("fp8 grad^T for dW [14336x16384] inductor", compiled(grad_cols), grad_cols, (dy, row_scale)),
         ("fp8 grads for dX and dW [16384x14336] triton kernels", grad_both, grad_both, (dy, col_scale, row_scale)),

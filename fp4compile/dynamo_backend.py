@@ -28,9 +28,10 @@ def realize_shared_gemm_operands() -> None:
 
     ops = [torch.ops.aten._scaled_mm.default]
     if importlib.util.find_spec("triton"):
-        from fp4compile.runtime.kernels import fp8_grad_triton, transpose_triton  # noqa: F401  (registers the ops)
+        from fp4compile.runtime.kernels import fp4_rows_triton, fp8_grad_triton, transpose_triton  # noqa: F401
 
-        ops += [torch.ops.fp4compile.fp8_grad_operands.default, torch.ops.fp4compile.transpose_bytes.default]
+        ops += [torch.ops.fp4compile.fp8_grad_operands.default, torch.ops.fp4compile.transpose_bytes.default,
+                torch.ops.fp4compile.fp4_rows.default]
     add_needs_realized_inputs(ops)
 
 

@@ -5,10 +5,12 @@ holds |w| (d = 0.5 below 2, 1 below 4, 2 up to 6), with u = (|w| - a) / d:
     f(w)  = sign(w) * (a + d * (1 + sign(2u - 1) * |2u - 1| ** (1 / k)) / 2)
     f'(w) = min((1 / k) * |2u - 1| ** (1 / k - 1), clip)
 
-f' runs over every weight element in each backward, so its power is evaluated as exp(e * ln|t|), within
-~5e-7 (relative) of ``pow``: on a GPU ``pow`` is a long accurate routine, exp and log are hardware
-approximations (the Llama-8B FFN's DGE kernels: 0.29 -> 0.19 ms each on an H200). The exponent stays a
-Python number: ``xlogy(e, t)`` made it a scalar tensor, created on the device in every backward call.
+f' runs over every weight element in each backward, so it is written for a GPU's arithmetic: its power is
+exp2(e * log2|t|), within ~5e-7 (relative) of ``pow``, a long accurate routine where exp2 and log2 are
+hardware approximations; and u is |w| / d - floor(|w| / d), exact since d is a power of two (an H200's
+DGE kernel for a 5632 x 2048 weight: 35.6 -> 31.4 us against exp(e * ln|t|) and the interval's ends,
+14336 x 4096: 155 -> 129 us; with ``pow``, 290 us; docs/performance.md). The exponent stays a Python
+number: ``xlogy(e, t)`` made it a scalar tensor, created on the device in every backward call.
 """
 
 import torch
@@ -17,11 +19,13 @@ from fp4compile.runtime.e2m1 import E2M1_MAX, grid_step, inverse_grid_step
 
 
 def _interval(w_scaled: torch.Tensor):
+    """(a, d, u) of |w|: |w| / d is exact, so u is exact. |w| = 6 gets a = 6, u = 0 rather than the last
+    interval's a = 4, u = 1: f and f' only see |2u - 1| = 1 there, and f = a + d * (1 - 1) / 2 = 6."""
     mag = w_scaled.float().abs().clamp(max=E2M1_MAX)
-    d, inv_d = grid_step(mag), inverse_grid_step(mag)
-    # |w| = 6 belongs to the last interval [4, 6], not to an interval starting at 6.
-    a = torch.minimum(torch.floor(mag * inv_d) * d, E2M1_MAX - d)
-    return a, d, (mag - a) * inv_d
+    d = grid_step(mag)
+    y = mag * inverse_grid_step(mag)
+    n = torch.floor(y)
+    return n * d, d, y - n
 
 
 def dge_smooth(w_scaled: torch.Tensor, k: float = 5.0) -> torch.Tensor:
@@ -35,6 +39,6 @@ def dge_derivative(w_scaled: torch.Tensor, k: float = 5.0, clip: float = 3.0) ->
     """f'(w), clipped to at most ``clip`` (it is infinite at the middle of each interval)."""
     _, _, u = _interval(w_scaled)
     t, e = (2 * u - 1).abs(), 1 / k - 1
-    # At k = 1, t^0 = 1 also at t = 0, where e * ln t is NaN; a NaN stays NaN (as xlogy(0, NaN) is).
-    power = torch.exp(e * torch.log(t)) if e else torch.where(t.isnan(), t, 1.0)
+    # At k = 1, t^0 = 1 also at t = 0, where e * log2 t is NaN; a NaN stays NaN (as xlogy(0, NaN) is).
+    power = torch.exp2(e * torch.log2(t)) if e else torch.where(t.isnan(), t, 1.0)
     return (power / k).clamp(max=clip)

@@ -29,7 +29,8 @@ def quantize_fp8_rows(x: torch.Tensor, dtype: torch.dtype):
     return data, scale
 
 
-def _has_fp8_kernels(device: torch.device) -> bool:
+def has_fp8_kernels(device: torch.device) -> bool:
+    """Whether ``device`` runs the Triton quantize kernels: FP8 tensor cores, and Triton casts to E4M3 (sm_89+)."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     return hopper.device_reason(device.type, capability) is None
 
@@ -45,7 +46,7 @@ def grad_operands(dy, fold_dx, fold_dw, dtype: torch.dtype, need_dx: bool = True
     columns ([..., 1, N] and [..., 1, M]) or 0-d. On CUDA sm_89+ (FP8 tensor cores; Triton casts to E4M3
     from sm_89 on), a 2-D dY needing both goes through one Triton kernel pair that computes the same bits
     and writes the dB operand row-major, as _scaled_mm takes it (kernels/fp8_grad_triton.py)."""
-    if need_dx and need_dw and dy.dim() == 2 and dy.numel() and _has_fp8_kernels(dy.device):
+    if need_dx and need_dw and dy.dim() == 2 and dy.numel() and has_fp8_kernels(dy.device):
         from fp4compile.runtime.kernels.fp8_grad_triton import fp8_grad_operands
 
         m, n = dy.shape

@@ -14,7 +14,7 @@ import torch
 
 from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
-from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands
+from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands, has_fp8_kernels
 from fp4compile.runtime.gemm import native_block_gemm, row_scale_as_columns, scaled_gemm
 from fp4compile.runtime.occ import occ_clamp
 from fp4compile.runtime.quantize import gemm_operand, scaled_domain
@@ -30,13 +30,31 @@ class MatmulSpec:
     out_dtype: torch.dtype | None = None
 
 
+def _activation_operand(x, format: str):
+    """gemm_operand(x, format) of an activation. On CUDA sm_89+, in the "vector" format, a Triton kernel
+    computes the same bits reading x once (kernels/fp4_rows_triton.py). Weights stay with Inductor: DGE's
+    backward re-derives their scales, which AOTAutograd's CSE merges with the forward's while both are
+    torch ops."""
+    if format == "vector" and x.dim() and x.is_cuda and x.numel() and has_fp8_kernels(x.device):
+        from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows
+
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[1] <= MAX_K and rows.stride(-1) == 1:
+            values, scale = fp4_rows(rows)
+            return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+    return gemm_operand(x, format)
+
+
 def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype):
     """(values, outer, OCC residual in ``dtype`` or None, the operand after clamping) of one operand."""
+    if is_weight:
+        values, outer = gemm_operand(x, config.format)
+        return values, outer, None, x
     residual = None
-    if config.occ and not is_weight:
+    if config.occ:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
-    values, outer = gemm_operand(x, config.format)
+    values, outer = _activation_operand(x, config.format)
     return values, outer, residual, x
 
 

@@ -37,7 +37,7 @@ try:
     import triton
     import triton.language as tl
 
-    from fp4compile.runtime.kernels.triton_e4m3 import e4m3_rne
+    from fp4compile.runtime.kernels.triton_quantize import e4m3_rne
 
     HAS_TRITON = True
 except ImportError:  # the CPU emulation and the shape checks still work

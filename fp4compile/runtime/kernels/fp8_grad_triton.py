@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4compile.runtime.kernels.triton_quantize import absmax_scale, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
 # (BLOCK_M, BLOCK_N, warps), the fastest of the tiles measured on an H200 for 16384 x {2048, 4096, 5632,
@@ -43,33 +44,22 @@ def _tile(x_ptr, fc_ptr, fr_ptr, rows, cols, M, N):
 
 
 @triton.jit
-def _magnitude_bits(v):
-    """|v| as int32 bits: these order like the magnitudes, with a NaN above inf (either gives a NaN scale)."""
-    return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-
-
-@triton.jit
 def _amax_kernel(x_ptr, fc_ptr, fr_ptr, amax_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """amax_ptr [M + N]: each row's amax of dY * fold_cols, then each column's of dY * fold_rows."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     for_dx, for_dw, rmask, cmask, _ = _tile(x_ptr, fc_ptr, fr_ptr, rows, cols, M, N)
-    tl.atomic_max(amax_ptr + rows, tl.max(_magnitude_bits(for_dx), axis=1), mask=rmask, sem="relaxed")
-    tl.atomic_max(amax_ptr + M + cols, tl.max(_magnitude_bits(for_dw), axis=0), mask=cmask, sem="relaxed")
+    tl.atomic_max(amax_ptr + rows, tl.max(magnitude_bits(for_dx), axis=1), mask=rmask, sem="relaxed")
+    tl.atomic_max(amax_ptr + M + cols, tl.max(magnitude_bits(for_dw), axis=0), mask=cmask, sem="relaxed")
 
 
 @triton.jit
 def _scale_kernel(amax_ptr, recip_ptr, dx_scale_ptr, dw_scale_ptr, M, N, INV_MAX: tl.constexpr,
                   MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """Each amax's scale as fp8.quantize_fp8_rows computes it, and the scale's reciprocal (0 for a zero
-    scale; an IEEE division, as quantize.reciprocal's float64 one rounds)."""
+    """Each amax's scale as fp8.quantize_fp8_rows computes it, and the scale's reciprocal."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    amax = tl.load(amax_ptr + i, mask=i < M + N, other=0.0)
-    s = amax * INV_MAX
-    s = tl.where(s > 0, tl.maximum(s, MIN_SCALE), s)
-    s = tl.where(amax < float("inf"), s, float("nan"))
-    tl.store(recip_ptr + i, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s == 0, float("inf"), s)),
-             mask=i < M + N)
+    s, recip = absmax_scale(tl.load(amax_ptr + i, mask=i < M + N, other=0.0), INV_MAX, MIN_SCALE)
+    tl.store(recip_ptr + i, recip, mask=i < M + N)
     tl.store(dx_scale_ptr + i, s, mask=i < M)
     tl.store(dw_scale_ptr + i - M, s, mask=(i >= M) & (i < M + N))
 

@@ -27,7 +27,7 @@ try:
     import triton
     import triton.language as tl
 
-    from fp4compile.runtime.kernels.triton_e4m3 import e4m3_neighbours, e4m3_rne
+    from fp4compile.runtime.kernels.triton_quantize import e2m1_rne, e4m3_neighbours, e4m3_rne
 
     HAS_TRITON = True
 except ImportError:
@@ -51,14 +51,6 @@ def reference(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, genera
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _e2m1_rne(v):
-        """Nearest E2M1 value (ties to even), saturating at 6: round(|v| / step) * step per binade."""
-        mag = tl.minimum(tl.abs(v), 6.0)
-        step = tl.where(mag < 2.0, 0.5, tl.where(mag < 4.0, 1.0, 2.0))
-        q = ((mag / step + 8388608.0) - 8388608.0) * step  # mag / step: exact (a power of two)
-        return tl.where(v < 0, -q, q)
 
     @triton.jit
     def _e2m1_sr(v, u):
@@ -121,7 +113,7 @@ if HAS_TRITON:
                             mask=mask[:, :, None], other=0.0)
                 out = _e2m1_sr(v, u) * bs[:, :, None]
             else:
-                q = _e2m1_rne(v)
+                q = e2m1_rne(v)
                 if MODE == 2:
                     # EDEN: per row's group, scale by <v, v> / <v, q>, rounded stochastically onto E4M3.
                     num = tl.sum(tl.sum(v * v, axis=2), axis=1)

@@ -1,0 +1,96 @@
+"""The Triton kernel for an activation's FP4 operand (kernels/fp4_rows_triton.py) against its reference,
+``gemm_operand(x, "vector")``: bit-exact values and scales on a CUDA device; on CPU in Triton's
+interpreter (a subprocess, as in test_fp8_grad_kernel.py), where scales are bit-exact and values are
+compared except where the reference's are NaN (the interpreter casts NaN to arbitrary float8 bytes;
+E2M1 values are exact in float8, so its cast of every other value is exact).
+
+Cases: ragged widths (1, 70, 2048, 5632: one row per program to four), a row stride wider than the
+row, float32 / bfloat16 / float16 inputs, values on E2M1 rounding ties, a NaN, an inf, an all-zero
+row, a row tiny enough for the 2^-126 scale floor, and negative values that round to -0. Run as
+``TRITON_INTERPRET=1 python tests/test_fp4_rows_kernel.py``, this file prints the interpreter results.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import run_interpreted
+
+pytest.importorskip("triton")
+
+from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows  # noqa: E402
+from fp4compile.runtime.quantize import gemm_operand  # noqa: E402
+
+SHAPES = [(9, 70), (5, 2048), (3, 5632), (6, 1)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# x / scale on every E2M1 rounding tie (amax 1.5 -> scale 1/4), both signs, and values that round to -0.
+TIES = [0.0625, 0.1875, 0.3125, 0.4375, 0.625, 0.875, 1.25, -0.0625, -0.3125, -1.25, -0.01, 1.5]
+
+
+def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0) -> torch.Tensor:
+    """x [m, k], seen through a [m, k + pad] buffer (row stride k + pad) when ``pad``."""
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k + pad, generator=g) * torch.exp2(torch.randint(-10, 10, (m, 1), generator=g).float())
+    if k >= len(TIES):
+        x[0, : len(TIES)] = torch.tensor(TIES)
+        x[0, len(TIES):k] = 0.5
+    if m > 4 and k > 4:
+        x[1, 2], x[2, 0] = float("nan"), float("-inf")
+        x[3] = 0.0
+        x[4] = 1e-37 if dtype != torch.float16 else 1e-7  # FP16's smallest normal is 6e-5
+    return x.to(dtype).to(device)[:, :k]
+
+
+def _bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
+    bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)  # noqa: E731
+    skip = want.float().isnan() & (got.float().isnan() | (INTERPRETED and want.element_size() == 1))
+    return bool(((bits(got) == bits(want)) | skip).all())
+
+
+def _all_cases(device: str) -> dict:
+    results = {}
+    for (m, k), pad in [(shape, 0) for shape in SHAPES] + [((9, 70), 10)]:
+        for dtype in DTYPES:
+            x = _inputs(m, k, dtype, device, pad)
+            got = fp4_rows(x)
+            want = gemm_operand(x.cpu(), "vector")
+            results[f"{m}x{k} pad {pad} {dtype}"] = [
+                [tuple(g.shape) == tuple(w.shape), _bits_equal(g.cpu(), w)] for g, w in zip(got, want)]
+    return results
+
+
+def _check(results: dict) -> None:
+    assert len(results) == (len(SHAPES) + 1) * len(DTYPES)
+    for name, outputs in results.items():
+        assert outputs == [[True, True]] * 2, (name, outputs)  # shape and bits of the values, the scales
+
+
+def test_interpreter_matches_reference():
+    _check(run_interpreted(__file__))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_matches_reference():
+    _check(_all_cases("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_matches_reference_at_llm_widths():
+    """Wide rows, one program per row up to MAX_K; BF16 activations of the sizes LLMs quantize."""
+    g = torch.Generator().manual_seed(0)
+    for k in (4096, 11008, 14336, MAX_K):
+        x = (torch.randn(64, k, generator=g) * torch.rand(64, 1, generator=g) * 8).bfloat16()
+        got, want = fp4_rows(x.cuda()), gemm_operand(x, "vector")
+        assert all(_bits_equal(a.cpu(), b) for a, b in zip(got, want)), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_custom_op_schema_and_fake_match_the_kernel():
+    torch.library.opcheck(fp4_rows, (_inputs(9, 70, torch.bfloat16, "cuda"),),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+if __name__ == "__main__":
+    print(json.dumps(_all_cases("cpu")))
