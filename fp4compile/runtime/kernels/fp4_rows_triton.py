@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fp4compile.runtime.e2m1 import E2M1_MAX
+from fp4compile.runtime.kernels.launch import launch
 from fp4compile.runtime.kernels.triton_quantize import absmax_scale, e2m1_rne, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
@@ -55,9 +56,8 @@ def _fp4_rows(x: torch.Tensor):
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block_m, block_k, warps = _launch_shape(k)
-        _fp4_rows_kernel[(triton.cdiv(m, block_m),)](
-            x, values, scale, m, k, x.stride(0), INV_MAX=1.0 / E2M1_MAX, MIN_SCALE=MIN_SCALE,
-            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+        launch(_fp4_rows_kernel, (triton.cdiv(m, block_m),), (x, values, scale, m, k, x.stride(0)),
+               {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k}, warps)
     return values, scale
 
 

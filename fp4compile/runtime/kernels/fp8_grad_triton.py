@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4compile.runtime.kernels.launch import launch
 from fp4compile.runtime.kernels.triton_quantize import absmax_scale, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
@@ -92,14 +93,14 @@ def _fp8_grad_operands(dy: torch.Tensor, fold_cols: torch.Tensor, fold_rows: tor
     work = torch.zeros(2 * (m + n), dtype=torch.int32, device=dy.device)  # one allocation for both
     amax, recip = work[: m + n], work[m + n :].view(torch.float32)
     bm, bn, warps = AMAX_TILE
-    _amax_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        dy, fold_cols, fold_rows, amax, m, n, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
-    _scale_kernel[(triton.cdiv(m + n, _SCALE_BLOCK),)](
-        amax.view(torch.float32), recip, dx_scale, dw_scale, m, n, INV_MAX=1.0 / torch.finfo(dtype).max,
-        MIN_SCALE=MIN_SCALE, BLOCK=_SCALE_BLOCK)
+    launch(_amax_kernel, (triton.cdiv(m, bm), triton.cdiv(n, bn)), (dy, fold_cols, fold_rows, amax, m, n),
+           {"BLOCK_M": bm, "BLOCK_N": bn}, warps)
+    launch(_scale_kernel, (triton.cdiv(m + n, _SCALE_BLOCK),),
+           (amax.view(torch.float32), recip, dx_scale, dw_scale, m, n),
+           {"INV_MAX": 1.0 / torch.finfo(dtype).max, "MIN_SCALE": MIN_SCALE, "BLOCK": _SCALE_BLOCK}, 4)
     bm, bn, warps = QUANTIZE_TILE
-    _quantize_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        dy, fold_cols, fold_rows, recip, dx, dw, m, n, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    launch(_quantize_kernel, (triton.cdiv(m, bm), triton.cdiv(n, bn)), (dy, fold_cols, fold_rows, recip, dx, dw, m, n),
+           {"BLOCK_M": bm, "BLOCK_N": bn}, warps)
     return dx, dx_scale, dw, dw_scale
 
 

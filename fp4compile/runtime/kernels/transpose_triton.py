@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4compile.runtime.kernels.launch import launch
+
 _TILE = 128
 
 
@@ -40,7 +42,7 @@ def _transpose_bytes(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((cols, rows), dtype=x.dtype, device=x.device)
     if x.numel():
         grid = (triton.cdiv(rows, _TILE), triton.cdiv(cols, _TILE))
-        _transpose_tiles[grid](x.view(torch.uint8), out.view(torch.uint8), rows, cols, TILE=_TILE)
+        launch(_transpose_tiles, grid, (x.view(torch.uint8), out.view(torch.uint8), rows, cols), {"TILE": _TILE}, 4)
     return out
 
 

@@ -1,0 +1,38 @@
+"""Launching a Triton kernel from an operator's Python body in a few microseconds of host time.
+
+Triton's JIT call, ``kernel[grid](...)``, binds the arguments, works out their specialization and looks
+the compiled kernel up on every call: ~13 us of host time per launch on an H200's host, where the
+compiled kernel's own launcher takes a few (docs/performance.md), and a ~1B Llama step launches ~700 of
+these kernels. ``launch`` goes through the JIT once per specialization, then calls the compiled kernel.
+Its key holds everything Triton specializes on (dtypes, pointers' 16-byte alignment, integers equal to
+1, divisible by 16, or beyond int32) and the constexprs, so no call reuses a kernel compiled under
+assumptions its arguments break. Under Triton's interpreter every call goes through the JIT.
+"""
+
+import torch
+from triton import knobs
+
+_compiled = {}
+
+
+def _specialization(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    return type(arg), arg
+
+
+def launch(fn, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -> None:
+    """``fn[grid](*args, **constexprs, num_warps=num_warps)``; ``args`` are fn's leading parameters and
+    ``constexprs`` name the rest; the first argument is a tensor on the kernel's device."""
+    key = (fn, args[0].device, tuple(map(_specialization, args)), tuple(constexprs.items()), num_warps)
+    kernel = _compiled.get(key)
+    if kernel is None:
+        _compiled[key] = fn[grid](*args, **constexprs, num_warps=num_warps)
+        return
+    grid = (*grid, 1, 1)[:3]
+    stream = torch.cuda.current_stream(args[0].device).cuda_stream
+    values = (*args, *(constexprs[name] for name in fn.arg_names[len(args):]))
+    kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, kernel.launch_metadata(grid, stream, *values),
+               knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
