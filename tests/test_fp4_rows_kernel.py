@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_interpreted
+from conftest import bits_equal, run_interpreted
 
 pytest.importorskip("triton")
 
@@ -43,12 +43,6 @@ def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0) -> to
     return x.to(dtype).to(device)[:, :k]
 
 
-def _bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
-    bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)  # noqa: E731
-    skip = want.float().isnan() & (got.float().isnan() | (INTERPRETED and want.element_size() == 1))
-    return bool(((bits(got) == bits(want)) | skip).all())
-
-
 def _all_cases(device: str) -> dict:
     results = {}
     for (m, k), pad in [(shape, 0) for shape in SHAPES] + [((9, 70), 10)]:
@@ -57,7 +51,8 @@ def _all_cases(device: str) -> dict:
             got = fp4_rows(x)
             want = gemm_operand(x.cpu(), "vector")
             results[f"{m}x{k} pad {pad} {dtype}"] = [
-                [tuple(g.shape) == tuple(w.shape), _bits_equal(g.cpu(), w)] for g, w in zip(got, want)]
+                [tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)]
+                for g, w in zip(got, want)]
     return results
 
 
@@ -83,7 +78,7 @@ def test_gpu_matches_reference_at_llm_widths():
     for k in (4096, 11008, 14336, MAX_K):
         x = (torch.randn(64, k, generator=g) * torch.rand(64, 1, generator=g) * 8).bfloat16()
         got, want = fp4_rows(x.cuda()), gemm_operand(x, "vector")
-        assert all(_bits_equal(a.cpu(), b) for a, b in zip(got, want)), k
+        assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_interpreted
+from conftest import bits_equal, run_interpreted
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -68,13 +68,6 @@ def _reference(dy, fold_cols, fold_rows, dtype):
     return out
 
 
-def _bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
-    bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)  # noqa: E731
-    lenient = INTERPRETED and want.element_size() == 1  # the interpreter's cast of NaN (module doc)
-    skip = want.float().isnan() & (got.float().isnan() | lenient)
-    return bool(((bits(got) == bits(want)) | skip).all())
-
-
 def _all_cases(device: str) -> dict:
     results = {}
     for m, n in SHAPES:
@@ -84,7 +77,8 @@ def _all_cases(device: str) -> dict:
                 got = fp8_grad_operands(dy, fold_cols.expand(n).contiguous(), fold_rows.expand(m).contiguous(), dtype)
                 want = _reference(dy, fold_cols, fold_rows, dtype)
                 results[f"{m}x{n} {'0-d' if scalar else 'vector'} folds {dtype}"] = [
-                    [tuple(g.shape) == tuple(w.shape), _bits_equal(g.cpu(), w)] for g, w in zip(got, want)]
+                    [tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)]
+                    for g, w in zip(got, want)]
     return results
 
 
