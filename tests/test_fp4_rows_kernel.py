@@ -8,6 +8,7 @@ Cases: ragged widths (1, 70, 2048, 5632: one row per program to four), a row str
 row, float32 / bfloat16 / float16 inputs, values on E2M1 rounding ties, a NaN, an inf, an all-zero
 row, a row tiny enough for the 2^-126 scale floor, and negative values that round to -0. Run as
 ``TRITON_INTERPRET=1 python tests/test_fp4_rows_kernel.py``, this file prints the interpreter results.
+Ahead-of-time builds for sm_90 and sm_100 check the kernel compiles for both, on any machine.
 """
 
 import json
@@ -17,7 +18,7 @@ import pytest
 import torch
 from conftest import bits_equal, run_interpreted
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows  # noqa: E402
 from fp4compile.runtime.quantize import gemm_operand  # noqa: E402
@@ -79,6 +80,27 @@ def test_gpu_matches_reference_at_llm_widths():
         x = (torch.randn(64, k, generator=g) * torch.rand(64, 1, generator=g) * 8).bfloat16()
         got, want = fp4_rows(x.cuda()), gemm_operand(x, "vector")
         assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
+
+
+@pytest.mark.parametrize("cc", [90, 100])
+@pytest.mark.parametrize("k", [2048, MAX_K])
+def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k):
+    """On any machine: the kernel builds for sm_90 and sm_100 at the launch shape the operator picks,
+    with an IEEE division for each row's reciprocal and Hopper's E4M3 conversion instruction."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fp4compile.runtime.kernels import fp4_rows_triton as rows
+
+    block_m, block_k, warps = rows._launch_shape(k)
+    constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k}
+    signature = {"x_ptr": "*bf16", "v_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "stride_x": "i32",
+                 **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(rows._fp4_rows_kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert len(compiled.asm["cubin"]) > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
