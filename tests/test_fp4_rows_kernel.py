@@ -82,6 +82,12 @@ def test_gpu_matches_reference_at_llm_widths():
         assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
 
 
+def test_rows_too_wide_or_strided_name_the_reference():
+    for x in (torch.zeros(2, MAX_K + 1), torch.zeros(8, 4).t()):
+        with pytest.raises(ValueError, match="gemm_operand"):
+            fp4_rows(x)
+
+
 @pytest.mark.parametrize("cc", [90, 100])
 @pytest.mark.parametrize("k", [2048, MAX_K])
 def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k):

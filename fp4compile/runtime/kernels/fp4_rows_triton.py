@@ -52,6 +52,9 @@ _lib.define("fp4_rows(Tensor x) -> (Tensor, Tensor)")
 
 def _fp4_rows(x: torch.Tensor):
     m, k = x.shape
+    if k > MAX_K or x.stride(1) != 1:
+        raise ValueError(f"fp4_rows takes rows of at most {MAX_K} elements with unit column stride, got shape "
+                         f"{tuple(x.shape)} and strides {x.stride()}; quantize.gemm_operand takes any")
     values = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
