@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import model_parser, prepare, print_table, report, short_error, time_ms, top_kernels
+from common import model_parser, prepare, print_table, report, short_error, time_ms, top_host_ops, top_kernels
 
 
 def build(variant, seq, fp4_options):
@@ -33,7 +33,7 @@ def build(variant, seq, fp4_options):
     return model
 
 
-def run(variant, batch, seq, iters, want_profile, fp4_options):
+def run(variant, batch, seq, iters, want_profile, want_host, fp4_options):
     model = build(variant, seq, fp4_options)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
@@ -56,7 +56,8 @@ def run(variant, batch, seq, iters, want_profile, fp4_options):
            "first step s": first_s,
            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     profile = top_kernels(step) if want_profile else None
-    return row, profile
+    host = top_host_ops(step) if want_host else None
+    return row, profile, host
 
 
 def main():
@@ -65,6 +66,7 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--profile", default="fp4_occ_off,bf16_inductor", help="variants to profile one step of")
+    p.add_argument("--host-profile", default="", help="variants whose host time of one step to profile by op")
     args = p.parse_args()
     rows, profiles = [], {}
     for variant in args.variants.split(","):
@@ -75,23 +77,25 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
             try:
-                row, prof = run(variant, batch, args.seq, args.iters, variant in args.profile.split(","),
-                                args.fp4_options)
+                row, prof, host = run(variant, batch, args.seq, args.iters, variant in args.profile.split(","),
+                                      variant in args.host_profile.split(","), args.fp4_options)
                 break
             except torch.OutOfMemoryError:
                 if batch == 1:
-                    row, prof = {"variant": variant, "batch": "OOM"}, None
+                    row, prof, host = {"variant": variant, "batch": "OOM"}, None, None
                     break
                 batch //= 2
                 print(f"{variant}: out of memory, retrying at batch {batch}")
             except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-                row, prof = {"variant": variant, "note": short_error(e)}, None
+                row, prof, host = {"variant": variant, "note": short_error(e)}, None, None
                 break
         if batch != args.batch:
             row["note"] = f"batch {args.batch} ran out of memory"
         rows.append(row)
         if prof:
             profiles[variant] = prof
+        if host:
+            profiles[f"{variant} host"] = host
     base = next((r for r in rows if r["variant"] == "bf16_inductor" and "tokens/s" in r), None)
     for r in rows:
         if base and "tokens/s" in r:

@@ -147,6 +147,22 @@ def top_kernels(fn, n: int = 40) -> dict:
     return {"total_ms": total, "gemm_ms": gemm, "top": rows[:n]}
 
 
+def top_host_ops(fn, n: int = 30) -> dict:
+    """Host time of one call of ``fn`` started on an idle GPU (torch.profiler, CPU activity): the ``n``
+    operators and runtime calls with the most self time, and the wall time of the call."""
+    torch.cuda.synchronize()
+    time.sleep(0.05)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+    rows = [{"op": e.key[:110], "calls": e.count, "self ms": e.self_cpu_time_total / 1e3,
+             "total ms": e.cpu_time_total / 1e3} for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["self ms"])
+    return {"wall_ms": wall, "self_ms": sum(r["self ms"] for r in rows), "top": rows[:n]}
+
+
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -163,6 +179,10 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
 def report(args, rows: list[dict], profiles: dict) -> None:
     """Print each profiled variant's top kernels and write the run's JSON (environment, args, results)."""
     for variant, prof in profiles.items():
+        if "wall_ms" in prof:
+            title = f"host time of one step of {variant}: {prof['wall_ms']:.2f} ms (profiled)"
+            print_table(prof["top"], ["op", "calls", "self ms", "total ms"], title)
+            continue
         title = f"one step of {variant}: {prof['total_ms']:.2f} ms of GPU time, {prof['gemm_ms']:.2f} ms in GEMMs"
         print_table(prof["top"], ["kernel", "calls", "ms", "share"], title)
     write_json(args.out, {"env": environment(), "args": vars(args), "results": rows, "profiles": profiles})
