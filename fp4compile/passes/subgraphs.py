@@ -100,18 +100,23 @@ def subgraphs(gm: fx.GraphModule, params: dict[fx.Node, str]) -> list[Subgraph]:
     return found
 
 
-def matmul_nodes(gm: fx.GraphModule) -> set[tuple[str | None, str]]:
-    """(subgraph path, node name) of every matmul-like node, by find_sites' tables, in every GraphModule
-    under ``gm``: found without the walk above, so a subgraph the walk misses shows."""
+def matmul_nodes(gm: fx.GraphModule, path: str | None = None, seen=None) -> set[tuple[str | None, str]]:
+    """(subgraph path, node name) of every matmul-like node, by find_sites' tables, in ``gm`` and every
+    GraphModule a ``get_attr`` of it names, recursively: found without the walk above (whatever op uses
+    the subgraph), so a subgraph the walk misses shows. Dynamo may leave a subgraph it inlined registered
+    but unused: only referenced ones count."""
+    seen = seen if seen is not None else set()
+    seen.add(id(gm))
     found = set()
-    for path, module in gm.named_modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            if (node.op == "call_function" and node.target in FUNCTION_OPS) or (
-                node.op == "call_method" and node.target in METHOD_OPS
-            ):
-                found.add((path or None, node.name))
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target in FUNCTION_OPS) or (
+            node.op == "call_method" and node.target in METHOD_OPS
+        ):
+            found.add((path, node.name))
+        elif node.op == "get_attr":
+            child = gm.get_submodule(node.target)
+            if isinstance(child, fx.GraphModule) and id(child) not in seen:
+                found |= matmul_nodes(child, f"{path}.{node.target}" if path else node.target, seen)
     return found
 
 
