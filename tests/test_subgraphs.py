@@ -8,7 +8,7 @@ import expecttest
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_complete, readable_code
+from conftest import assert_complete, readable_code, rewritten
 from torch.utils.checkpoint import checkpoint
 
 import fp4compile
@@ -132,6 +132,8 @@ def test_checkpointed_block_is_quantized_and_recomputes_the_same_values(backend,
         "lm_head": (None, "skipped", [None, "lm_head.weight"]),
     }
     assert {m: s["status"] for m, s in sites.items()} == {m: s["status"] for m, s in _sites(plain_reports).items()}
+    [after] = (tmp_path / "ckpt").glob("*/after.py")  # the dump shows the rewritten subgraph
+    assert "class wrap_body_0" in after.read_text() and "fp4compile_fp4_linear_1(" in after.read_text()
     # The backward recomputes the block's forward, FP4 quantization and OCC thresholds included: the
     # gradients are the non-checkpointed run's, bit for bit on eager kernels and to FP32 rounding of
     # differently fused kernels under Inductor; the FP4 error itself is orders of magnitude larger.
@@ -154,16 +156,8 @@ def test_include_exclude_and_nested_checkpoints():
         def forward(self, x):
             return checkpoint(lambda x: checkpoint(self.inner, self.outer(x), use_reentrant=False), x, use_reentrant=False)
 
-    model = Nested()
-    captured = {}
-
-    def capture(gm, example_inputs):
-        captured["report"] = fp4_pass(gm, example_inputs, FP4Config(exclude=("inner.down",)))
-        return gm
-
-    torch.compile(model, backend=capture, fullgraph=True)(torch.randn(4, 32))
-    assert_complete([captured["report"]])
-    got = [(s["subgraph"], s["module"], s["weights"][1], s["status"], s["reason"]) for s in captured["report"]["sites"]]
+    report, _ = rewritten(Nested(), torch.randn(4, 32), config=FP4Config(exclude=("inner.down",)))
+    got = [(s["subgraph"], s["module"], s["weights"][1], s["status"], s["reason"]) for s in report["sites"]]
     assert got == [
         ("wrap_body_1", "outer", "outer.weight", "fp4", None),
         ("wrap_body_1.wrap_body_0", "inner.up", "inner.up.weight", "fp4", None),
@@ -190,7 +184,6 @@ def test_llama_gradient_checkpointing(tmp_path, monkeypatch):
     # The `kernels` package, when installed, wraps attention's forward in a context-variable update that
     # Dynamo refuses inside a checkpoint (a graph break: the layers would run eagerly, unquantized).
     # Skipping that side effect in the recomputation is harmless: it is undone before the layer returns.
-    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
     tokens = torch.randint(0, 128, (2, 32))
     backend = fp4compile.backend(FP4Config(), inner="aot_eager")
     runs = []
@@ -198,7 +191,11 @@ def test_llama_gradient_checkpointing(tmp_path, monkeypatch):
         model = _tiny_llama(checkpointed)
         monkeypatch.setenv("FP4COMPILE_DUMP_DIR", str(tmp_path / str(checkpointed)))
         torch._dynamo.reset()
-        torch.compile(model, backend=backend)(input_ids=tokens, labels=tokens).loss.backward()
+        # The `kernels` package, when installed, wraps attention's forward in a context-variable update
+        # that Dynamo refuses inside a checkpoint (a graph break: the layers would run eagerly,
+        # unquantized). Not replaying it in the recomputation is harmless: it is undone before returning.
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+            torch.compile(model, backend=backend)(input_ids=tokens, labels=tokens).loss.backward()
         reports = [json.loads(p.read_text()) for p in sorted((tmp_path / str(checkpointed)).glob("*/report.json"))]
         assert_complete(reports)
         runs.append(({n: p.grad for n, p in model.named_parameters()}, _sites(reports)))
@@ -230,6 +227,29 @@ def test_nested_compile_region_calls_one_rewritten_subgraph(tmp_path, monkeypatc
         assert torch.equal(g, want[name]), name
 
 
+@torch.compiler.nested_compile_region
+def _project(x, w):
+    return x @ w.t()
+
+
+def test_region_called_with_a_weight_and_an_activation_in_one_place_is_skipped():
+    """One rewrite serves every call of a subgraph: when the calls disagree on which operand is a weight
+    (DGE on it, OCC on the other), the subgraph keeps its matmul and says why."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x, v):
+            return _project(_project(x, self.w), v)
+
+    report, _ = rewritten(Mixed(), torch.randn(4, 32, requires_grad=True), torch.randn(32, 32, requires_grad=True))
+    [site] = report["sites"]
+    assert site["subgraph"] == "subgraph_0" and site["status"] == "skipped"
+    assert "called with a parameter and an activation in the same place (invoke_subgraph, invoke_subgraph_1)" in site["reason"]
+
+
 def test_cond_branches_are_reported_as_skipped(tmp_path, monkeypatch):
     """torch.cond's backward needs both branches' gradients in one memory layout; FP4 gradients of a
     transposed weight do not keep it, so the branches keep their matmuls, each reported with the reason."""
@@ -246,31 +266,25 @@ def test_cond_branches_are_reported_as_skipped(tmp_path, monkeypatch):
     torch.testing.assert_close(y, model(x), rtol=1e-6, atol=1e-6)
 
 
+def test_checkpoint_wrapper():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    report, _ = rewritten(nn.Sequential(checkpoint_wrapper(Block())), torch.randn(4, 32))
+    assert [(s["subgraph"], s["status"]) for s in report["sites"]] == [("wrap_body_0", "fp4")] * 2
+    assert all(s["weights"][1] for s in report["sites"])
+
+
 def test_custom_autograd_function_bodies_are_reported_as_skipped():
-    captured = {}
-
-    def capture(gm, example_inputs):
-        captured["report"] = fp4_pass(gm, example_inputs, FP4Config())
-        return gm
-
-    torch.compile(CustomFunction(), backend=capture, fullgraph=True)(torch.randn(4, 32, requires_grad=True))
-    sites = captured["report"]["sites"]
-    assert_complete([captured["report"]])
+    report, _ = rewritten(CustomFunction(), torch.randn(4, 32, requires_grad=True))
+    sites = report["sites"]
     assert {s["subgraph"] for s in sites} == {"fwd_body_0", "bwd_body_0"} and len(sites) == 3
     assert all(s["status"] == "skipped" and "custom autograd.Function" in s["reason"] for s in sites)
 
 
 def test_guard_catches_a_matmul_missing_from_the_report(monkeypatch):
     """A pass that misses a subgraph fails loudly, naming the matmuls it left out."""
-    gm = {}
-
-    def capture(g, example_inputs):
-        gm["gm"], gm["report"] = g, fp4_pass(g, example_inputs, FP4Config())
-        return g
-
-    torch.compile(Checkpointed(), backend=capture, fullgraph=True)(torch.randn(4, 32))
+    report, _ = rewritten(Checkpointed(), torch.randn(4, 32))
     expected = {("wrap_body_0", "linear"), ("wrap_body_0", "linear_1"), (None, "linear")}
-    report = gm["report"]
     check_complete(expected, report)
     report["sites"] = [s for s in report["sites"] if s["subgraph"] is None]
     with pytest.raises(RuntimeError, match=r"internal error.*\('wrap_body_0', 'linear'\)"):
@@ -280,8 +294,7 @@ def test_guard_catches_a_matmul_missing_from_the_report(monkeypatch):
     walk = fp4compile.passes.subgraphs
     monkeypatch.setattr(fp4compile.passes, "subgraphs", lambda gm, params: walk(gm, params)[:1])
     with pytest.raises(Exception, match=r"internal error.*wrap_body_0"):
-        torch._dynamo.reset()
-        torch.compile(Checkpointed(), backend=capture, fullgraph=True)(torch.randn(4, 32))
+        rewritten(Checkpointed(), torch.randn(4, 32))
 
 
 def test_matmul_nodes_reads_find_sites_tables(monkeypatch):

@@ -8,6 +8,7 @@ the HOP's argument bound to it, and that argument, through views, to a parameter
 """
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 import torch.fx as fx
@@ -30,7 +31,7 @@ WHY_NOT = {
 
 @dataclass
 class Subgraph:
-    path: str | None  # gm.get_submodule(path) from the root graph; None for the root itself
+    path: str | None  # the subgraph is root.get_submodule(path); None for the root graph itself
     gm: fx.GraphModule
     params: dict[fx.Node, str]  # nodes holding a parameter, with its FQN
     skip: str | None = None  # why its matmuls keep their op, or None
@@ -61,7 +62,7 @@ def _children(parent: Subgraph) -> list[Subgraph]:
         for pos, arg in enumerate(leaves):
             if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
                 continue
-            child = parent.gm.get_submodule(arg.target)
+            child = attrgetter(arg.target)(parent.gm)
             if not isinstance(child, fx.GraphModule):
                 continue
             path = f"{parent.path}.{arg.target}" if parent.path else arg.target
@@ -114,7 +115,7 @@ def matmul_nodes(gm: fx.GraphModule, path: str | None = None, seen=None) -> set[
         ):
             found.add((path, node.name))
         elif node.op == "get_attr":
-            child = gm.get_submodule(node.target)
+            child = attrgetter(node.target)(gm)
             if isinstance(child, fx.GraphModule) and id(child) not in seen:
                 found |= matmul_nodes(child, f"{path}.{node.target}" if path else node.target, seen)
     return found
