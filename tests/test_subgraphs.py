@@ -143,6 +143,36 @@ def test_checkpointed_block_is_quantized_and_recomputes_the_same_values(backend,
         assert (g - high[name]).abs().max() > 1e-3 * scale, name
 
 
+def test_checkpointed_backward_recomputes_the_quantization():
+    """AOTAutograd's partitioner recomputes the checkpointed block in the backward graph, the FP4 twins'
+    OCC thresholds (kthvalue) included; without checkpointing the backward only reads saved tensors."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def count_kthvalue(model):
+        counts = {}
+
+        def backend(gm, example_inputs):
+            fp4_pass(gm, example_inputs, FP4Config())
+
+            def compiler(name):
+                def compile(g, _):
+                    counts[name] = g.code.count("kthvalue")
+                    return make_boxed_func(g)
+
+                return compile
+
+            return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))(gm, example_inputs)
+
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend)(torch.randn(64, 32)).sum().backward()
+        return counts
+
+    checkpointed, plain = count_kthvalue(Checkpointed()), count_kthvalue(Checkpointed(False))
+    assert checkpointed["forward"] == plain["forward"] > 0
+    assert plain["backward"] == 0 and checkpointed["backward"] == checkpointed["forward"]
+
+
 def test_include_exclude_and_nested_checkpoints():
     """Module filters apply inside subgraphs; a checkpoint inside a checkpoint is a subgraph's subgraph
     whose weights are followed back through both HOPs."""

@@ -74,21 +74,17 @@ def _children(parent: Subgraph) -> list[Subgraph]:
 
 
 def _bind(sub: Subgraph, parent: Subgraph) -> None:
-    """Set ``sub``'s parameters (a placeholder bound to the same parameter's role at every call) and why
-    its matmuls stay as they are, if they do."""
-    hop = sub.calls[0][0].target.name()
+    """Set ``sub``'s parameters (named after its first call's) and why its matmuls keep their op, if they do."""
+    if any(args is None for _, args in sub.calls):
+        hop = sub.calls[0][0].target.name()
+        sub.skip = parent.skip or WHY_NOT.get(hop, f"inside torch.ops.higher_order.{hop}, which fp4compile does not rewrite")
+        return
+    names = [[weight_of(a, parent.params) if isinstance(a, fx.Node) else None for a in args] for _, args in sub.calls]
     placeholders = [p for p in sub.gm.graph.nodes if p.op == "placeholder"]
-    roles = set()
-    for _, args in sub.calls:
-        if args is None:
-            sub.skip = parent.skip or WHY_NOT.get(hop, f"inside torch.ops.higher_order.{hop}, which fp4compile does not rewrite")
-            return
-        names = [weight_of(a, parent.params) if isinstance(a, fx.Node) else None for a in args]
-        roles.add(tuple(name is not None for name in names))
-        if len(roles) == 1 and not sub.params:
-            sub.params = {p: name for p, name in zip(placeholders, names) if name is not None}
+    sub.params = {p: name for p, name in zip(placeholders, names[0]) if name is not None}
     sub.skip = parent.skip
-    if len(roles) > 1:
+    # One rewrite serves every call, so every call must pass a weight in the same places.
+    if len({tuple(name is not None for name in call) for call in names}) > 1:
         calls = ", ".join(node.name for node, _ in sub.calls)
         sub.skip = sub.skip or f"subgraph called with a parameter and an activation in the same place ({calls})"
 
