@@ -24,7 +24,20 @@ def rewritten(fn, *inputs, config: FP4Config | None = None, **compile_kwargs):
 
     torch._dynamo.reset()
     torch.compile(fn, backend=capture, fullgraph=True, **compile_kwargs)(*inputs)
+    assert_complete([captured["report"]])
     return captured["report"], captured["code"]
+
+
+def assert_complete(reports):
+    """Every matmul-like node of each graph and subgraph (counted apart by the pass: summary.matmuls) is a
+    site of its report, rewritten or skipped with a reason."""
+    assert reports, "no report: was the model compiled with the fp4 backend?"
+    for report in reports:
+        sites = report["sites"]
+        assert report["summary"]["matmuls"] == len(sites), (report["summary"], [(s["subgraph"], s["node"]) for s in sites])
+        assert len({(s["subgraph"], s["node"]) for s in sites}) == len(sites), "a site listed twice"
+        for s in sites:
+            assert s["status"] == "fp4" or (s["status"] == "skipped" and s["reason"]), s
 
 
 def readable_code(gm) -> str:

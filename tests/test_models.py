@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_complete
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,6 +23,7 @@ def _train(model, vocab, tmp_path, steps=6):
         opt.zero_grad()
         losses.append(loss.item())
     reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/report.json"))]
+    assert_complete(reports)
     return losses, reports
 
 

@@ -65,9 +65,10 @@ def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
     return {"path": path, "reason": reason}
 
 
-def site_record(site: Site, config: FP4Config) -> dict:
+def site_record(site: Site, config: FP4Config, subgraph: str | None = None) -> dict:
     tensors = [example(n) for n in site.operands] if site.operands else []
     return {
+        "subgraph": subgraph,
         "node": site.node.name,
         "op": site.op,
         "module": site.module,
@@ -81,8 +82,9 @@ def site_record(site: Site, config: FP4Config) -> dict:
     }
 
 
-def build_report(name: str, sites: list[Site], config: FP4Config) -> dict:
-    records = [site_record(s, config) for s in sites]
+def build_report(name: str, sites: dict[str | None, list[Site]], config: FP4Config) -> dict:
+    """``sites`` by subgraph: the path of its GraphModule from the root graph (None for the root)."""
+    records = [site_record(s, config, path) for path, found in sites.items() for s in found]
     return {
         "graph": name,
         "config": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
@@ -101,7 +103,8 @@ def summary_table(report: dict) -> str:
         weight = ",".join(side for side, w in zip("AB", r["weights"]) if w) or "-"
         gemm = r["gemm"]["path"] if r["gemm"] else "-"
         reason = r["reason"] or (r["gemm"] or {}).get("reason") or ""
-        rows.append((r["node"], r["op"], str(r["module"]), shapes, weight, r["status"], gemm, reason))
+        node = f"{r['subgraph']}.{r['node']}" if r["subgraph"] else r["node"]
+        rows.append((node, r["op"], str(r["module"]), shapes, weight, r["status"], gemm, reason))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     s = report["summary"]
