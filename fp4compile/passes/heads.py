@@ -55,19 +55,19 @@ def _reaches(node: fx.Node) -> tuple[str | None, bool]:
 
 
 def input_embeddings(sites: list[Site], params: dict[fx.Node, str]) -> dict[str, tuple]:
-    """Names and shapes of the input embeddings' weights: the model's nn.Embedding modules and the
-    weights of embedding lookups in the sites' graphs."""
+    """Name -> (shape, root model) of the input embeddings' weights: the nn.Embedding modules of every model
+    and the weights of embedding lookups in the sites' graphs (root None)."""
     found = {}
     for module in names.modules_of_type(nn.Embedding):
-        name = names.parameter_name(module.weight)
-        if name is not None:
-            found[name] = tuple(module.weight.shape)
+        entry = names.lookup(module.weight)
+        if entry is not None:
+            found[entry[0]] = (tuple(module.weight.shape), entry[1])
     for graph in {s.node.graph for s in sites}:
         for node in graph.nodes:
             if node.op == "call_function" and node.target is F.embedding and len(node.args) > 1:
                 name, value = weight_of(node.args[1], params), example(node.args[1])
                 if name is not None and value is not None:
-                    found[name] = tuple(value.shape)
+                    found[name] = (tuple(value.shape), None)
     return found
 
 
@@ -87,6 +87,8 @@ def head_reason(site: Site, embeddings: dict[str, tuple]) -> str | None:
     weight = site.weights[1]
     if weight is None:
         return None
+    # The site's own model's embeddings (and the graph's lookups), not those of another model in the process.
+    embeddings = {n: shape for n, (shape, root) in embeddings.items() if root is None or root is site.root}
     if weight in embeddings:
         why = f"weight tied to the input embedding {weight}"
     else:

@@ -80,9 +80,10 @@ def _compile_token():
 
 
 def lookup(obj) -> tuple[str, nn.Module] | None:
-    """(FQN, root) of a module or parameter. Walks gc again for an object not seen yet, once per compile."""
+    """(FQN, root) of a module or parameter. Walks gc again for an object not seen yet (once per compile)."""
     global _index
-    if _index is None or (obj not in _index.entries and _index.compile != _compile_token()):
+    token = _compile_token()
+    if _index is None or (obj not in _index.entries and (token is None or _index.compile != token)):
         _index = _Index()
     return _index.entries.get(obj)
 
@@ -240,10 +241,12 @@ def specialize(sites, config) -> dict[str, list[str]]:
         if len(decisions) > 1:
             selections = [_selection(b, config) for _, b in blocks]
             _guard(base, blocks, selections, config)
-            mine = _selection(block, config)
-            blocks = [nb for nb, s in zip(blocks, selections) if s == mine]
-        if len({n for n, _ in blocks}) > 1:
-            served[name] = sorted({n for n, _ in blocks}, key=_natural)
+            selection = _selection(block, config)
+            blocks = [nb for nb, s in zip(blocks, selections) if s == selection]
+        # Modules of the class in other models (a teacher, a model not freed yet) may run this graph too.
+        mine = {n for n, b in blocks if lookup(b)[1] is found[1]}
+        if len(mine) > 1:
+            served[name] = sorted(mine, key=_natural)
     return served
 
 
