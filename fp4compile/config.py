@@ -33,7 +33,9 @@ class FP4Config:
         ("model.layers.0.mlp.up_proj"), the same under regional compilation (each block compiled), graph
         breaks, @train_step and DDP/FSDP wrappers: a sequence of fnmatch patterns, or a callable taking the
         FQN (None for matmuls outside any submodule) and returning True for a match. include=None matches
-        everything; exclude=() excludes nothing.
+        everything; exclude=() excludes nothing. Blocks that share one compiled graph (regional
+        compilation) but are selected differently get one graph per distinct selection: Dynamo counts
+        those against torch._dynamo.config.recompile_limit (fp4compile warns when they come close).
     quantize_output_heads: also quantize output heads. By default the matmul producing the logits stays
         in high precision, as FP8/FP4 training recipes keep it: a matmul whose weight is tied to an input
         embedding, whose output feeds cross_entropy / nll_loss / log_softmax, or whose weight has an input

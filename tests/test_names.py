@@ -15,6 +15,7 @@ from conftest import rewritten
 import fp4compile
 from fp4compile import FP4Config
 from fp4compile.passes import fp4_pass, names
+from fp4compile.passes.report import summary_table
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,6 +85,7 @@ def test_regional_compile_excludes_one_layer_by_its_full_name(tmp_path):
     reports = _reports(tmp_path)
     assert len(reports) == 2  # layers 0 and 2 share a graph; layer 1's selection differs: its own graph
     assert {tuple(v) for r in reports for v in r["serves"].values()} == {("model.layers.0", "model.layers.2")}
+    assert any("serves model.layers.0, model.layers.2 (traced in model.layers.0)" in summary_table(r) for r in reports)
     statuses = _statuses(reports)
     for i in range(3):
         for linear in LAYER_LINEARS:

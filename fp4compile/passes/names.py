@@ -231,7 +231,7 @@ def specialize(sites, config) -> dict[str, list[str]]:
     served = {}
     for base, modules in bases.items():
         block = frame_value(base)
-        found = resolve_module(base)
+        found = lookup(block) if isinstance(block, nn.Module) else None
         if found is None or not found[0]:  # a root: modules of its class are named alike, and decided alike
             continue
         name = found[0]

@@ -114,7 +114,8 @@ def summary_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     s = report["summary"]
-    return f"fp4compile {report['graph']}: {s['fp4']} fp4, {s['skipped']} skipped\n" + "\n".join(lines)
+    serves = "".join(f"\nserves {', '.join(served)} (traced in {traced})" for traced, served in report["serves"].items())
+    return f"fp4compile {report['graph']}: {s['fp4']} fp4, {s['skipped']} skipped{serves}\n" + "\n".join(lines)
 
 
 def dump_dir(config: FP4Config) -> str | None:
