@@ -25,13 +25,13 @@ _LOSSES = {
     F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss", F.log_softmax: "log_softmax",
     torch.log_softmax: "log_softmax", torch.Tensor.log_softmax: "log_softmax",
 }
-_PASS_THROUGH = {"flatten", "float", "contiguous", "view", "reshape", "to"}
 
 
 def _passes_through(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target is operator.getitem:
+    """Views and casts (classify's), slicing and flattening: the logits, reshaped for the loss."""
+    if node.op == "call_function" and node.target in (operator.getitem, torch.flatten):
         return True
-    return _is_view(node) or (node.op == "call_method" and node.target in _PASS_THROUGH)
+    return _is_view(node) or (node.op == "call_method" and node.target == "flatten")
 
 
 def _reaches(node: fx.Node) -> tuple[str | None, bool]:

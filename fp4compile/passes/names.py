@@ -69,7 +69,6 @@ class _Index:
                     stack.append((child, prefix if _is_wrapper(module, name) else _join(prefix, name)))
 
 
-
 _index: _Index | None = None
 
 
