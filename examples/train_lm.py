@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 examples/train_lm.py --preset base --recipe paper [--fsdp] [--fp8-comm]
 
 Model: RMSNorm, rotary position embeddings, SwiGLU, untied input embedding and output head (the head
-stays in high precision by FP4Config's default exclude, as in the paper's setup). Byte-level tokens.
+runs eagerly, outside the compiled blocks, so it stays in high precision, as in the paper's setup). Byte-level tokens.
 Data: the Python source files of this interpreter's standard library and installed packages (or --data
 PATH), split by file into train/validation deterministically. Precision by --recipe: "bf16" is plain
 torch.compile; every other name is an FP4Config recipe run through fp4compile's backend. Each run writes

@@ -29,10 +29,17 @@ class FP4Config:
         row along each GEMM's reduction dim; None keeps dY in its own dtype.
     backward_operands: "quantized" multiplies dY by the forward's FP4 operands (the paper);
         "original" by the unquantized operands (a high-precision backward; DGE still applies).
-    include, exclude: which sites to quantize, by module FQN ("model.layers.0.mlp.up_proj"): a
-        sequence of fnmatch patterns, or a callable taking the FQN (None for matmuls outside any
-        submodule) and returning True for a match. include=None matches everything. The default
-        exclude keeps the output head (lm_head) in high precision, as FP8/FP4 training recipes do.
+    include, exclude: which sites to quantize, by the FQN of their module in the root model
+        ("model.layers.0.mlp.up_proj"), the same under regional compilation (each block compiled), graph
+        breaks, @train_step and DDP/FSDP wrappers: a sequence of fnmatch patterns, or a callable taking the
+        FQN (None for matmuls outside any submodule) and returning True for a match. include=None matches
+        everything; exclude=() excludes nothing. Blocks that share one compiled graph (regional
+        compilation) but are selected differently get one graph per distinct selection: Dynamo counts
+        those against torch._dynamo.config.recompile_limit (fp4compile warns when they come close).
+    quantize_output_heads: also quantize output heads. By default the matmul producing the logits stays
+        in high precision, as FP8/FP4 training recipes keep it: a matmul whose weight is tied to an input
+        embedding, whose output feeds cross_entropy / nll_loss / log_softmax, or whose weight has an input
+        embedding's shape with its output leaving the graph (found by structure, whatever its name).
     quantize_activation_matmuls: also quantize matmuls with no weight operand (attention scores,
         attention x values), with OCC on both operands if occ is on.
     dump_dir: write graphs and report.json of every compiled graph under this folder (also set by the
@@ -57,7 +64,8 @@ class FP4Config:
     grad_dtype: str | None = "float8_e5m2"
     backward_operands: str = "quantized"
     include: ModuleFilter = None
-    exclude: ModuleFilter = ("lm_head", "*.lm_head")
+    exclude: ModuleFilter = ()
+    quantize_output_heads: bool = False
     quantize_activation_matmuls: bool = False
     dump_dir: str | None = None
     backward: str = "fp8"

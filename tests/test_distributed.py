@@ -119,6 +119,9 @@ def test_two_ranks_match_one_process(tmp_path, mode):
         assert losses == pytest.approx(expected, rel=1e-5), (rank, losses, expected)
         sites = [s for r in _reports(tmp_path / f"rank{rank}") for s in r["sites"]]
         assert len(sites) >= 3 and all(s["status"] == "fp4" and s["weights"][1] for s in sites), (sites, sorted(str(p) for p in tmp_path.rglob("*")))
+        # Named in the model, without DDP's module. or torch.compile's _orig_mod., under FSDP2's unsharded parameters.
+        assert {s["module"] for s in sites} == {"0.fc", "1.fc", "2.fc"}, sites
+        assert {s["weights"][1] for s in sites} == {"0.fc.weight", "1.fc.weight", "2.fc.weight"}, sites
 
 
 def _hook_worker(rank, port):

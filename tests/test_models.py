@@ -49,8 +49,8 @@ def test_llama(tmp_path, monkeypatch):
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert linears <= set(sites), linears - set(sites)
     for name in linears:
-        if name == "lm_head":
-            assert sites[name]["status"] == "skipped" and "exclude" in sites[name]["reason"]
+        if name == "lm_head":  # untied: an output head because its logits feed cross_entropy
+            assert sites[name]["status"] == "skipped" and "output head (its output feeds cross_entropy)" in sites[name]["reason"]
         else:
             assert sites[name]["status"] == "fp4", sites[name]
 
@@ -65,5 +65,5 @@ def test_gpt2_conv1d(tmp_path, monkeypatch):
     conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     assert conv1d and conv1d <= set(sites), conv1d - set(sites)
     assert all(sites[n]["status"] == "fp4" and sites[n]["op"] == "addmm" for n in conv1d)
-    # GPT-2 ties lm_head to the embedding; the head stays in high precision by the default exclude.
-    assert sites["lm_head"]["status"] == "skipped"
+    # GPT-2 ties lm_head to the embedding: an output head, kept in high precision by default.
+    assert sites["lm_head"]["status"] == "skipped" and "weight tied to the input embedding transformer.wte.weight" in sites["lm_head"]["reason"]

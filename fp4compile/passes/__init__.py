@@ -1,11 +1,14 @@
-"""The graph pass, in order: find sites -> classify operands -> rewrite -> report, on Dynamo's graph and
-on every subgraph a higher-order op holds (passes/subgraphs.py)."""
+"""The graph pass, in order: find sites -> classify operands -> keep output heads -> specialize the graph to
+its blocks' selection (names.py) -> rewrite -> report, on Dynamo's graph and on every subgraph a
+higher-order op holds (passes/subgraphs.py)."""
 
 import torch.fx as fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes.classify import classify, parameters
 from fp4compile.passes.find_sites import find_sites
+from fp4compile.passes.heads import keep_heads
+from fp4compile.passes.names import specialize
 from fp4compile.passes.report import build_report, emit, graph_name
 from fp4compile.passes.rewrite import rewrite
 from fp4compile.passes.subgraphs import check_complete, matmul_nodes, subgraphs
@@ -16,15 +19,19 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
     content)."""
     before = gm.print_readable(print_output=False)
     expected = matmul_nodes(gm)
-    sites = {}
+    graphs = []
     for sub in subgraphs(gm, parameters(gm, example_inputs)):
-        found = find_sites(sub.gm.graph)
+        found = find_sites(sub.gm.graph, sub.path)
         for site in found if sub.skip else ():
             site.skip(sub.skip)
         classify(found, sub.params, config)
-        rewrite(sub.gm, found, config)
-        sites[sub.path] = found
-    report = build_report(graph_name(), sites, config)
+        keep_heads(found, sub.params, config)
+        graphs.append((sub.gm, found))
+    sites = [site for _, found in graphs for site in found]
+    serves = specialize(sites, config)
+    for sub_gm, found in graphs:
+        rewrite(sub_gm, found, config)
+    report = build_report(graph_name(), sites, config, serves)
     check_complete(expected, report)
     report["summary"]["matmuls"] = len(expected)  # counted apart from the sites: tests check they agree
     emit(report, before, gm, config)

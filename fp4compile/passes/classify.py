@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from fp4compile.config import FP4Config
+from fp4compile.passes import names
 from fp4compile.passes.find_sites import Site, clean_fqn, example
 from fp4compile.runtime.formats import get_format
 
@@ -17,17 +18,18 @@ _VIEW_ATTRS = {"T", "mT", "data"}
 
 
 def parameters(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, str]:
-    """Graph nodes that hold a parameter of the model, with the parameter's FQN."""
+    """Graph nodes that hold a parameter of the model, with the parameter's FQN in its root model (names.py),
+    or where it belongs to no module, the name the compiled frame gives it."""
     found = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
         grapharg = node.meta.get("grapharg")
         source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
         if isinstance(value, torch.nn.Parameter) or "_parameters[" in source:
-            found[node] = clean_fqn(source) if source else node.name
+            found[node] = names.parameter_name(value) or (clean_fqn(source) if source else node.name)
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(_attr(gm, node.target), torch.nn.Parameter):
-            found[node] = node.target
+        if node.op == "get_attr" and isinstance(value := _attr(gm, node.target), torch.nn.Parameter):
+            found[node] = names.parameter_name(value) or node.target
     return found
 
 
@@ -74,6 +76,8 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
         return "a 1-D operand (matrix-vector product)"
     if site.weights == (None, None) and not config.quantize_activation_matmuls:
         return "activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it"
+    if not site.module_resolved:
+        names.warn_unresolved(site.module, config)
     selected, reason = config.selects(site.module)
     if not selected:
         return reason

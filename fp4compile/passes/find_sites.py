@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from fp4compile.passes import names
 from fp4compile.runtime.ops import parse_einsum
 
 FUNCTION_OPS = {
@@ -41,6 +42,9 @@ class Site:
     op: str
     operands: tuple | None = None
     module: str | None = None
+    module_resolved: bool = True
+    root: object = None  # the root nn.Module holding ``module`` (names.py), when resolved
+    subgraph: str | None = None  # the path of the node's GraphModule from Dynamo's graph (None: that graph)
     reduction: object = None
     weights: tuple = (None, None)
     status: str = "fp4"
@@ -62,12 +66,17 @@ def clean_fqn(path: str) -> str:
     return _ROOT.sub("", path).lstrip(".")
 
 
-def module_of(node: fx.Node) -> str | None:
+def module_of(node: fx.Node) -> tuple[str | None, bool, object]:
+    """FQN of the module the node was called from (None outside any module) in its root model, True, and the
+    root; or where the module cannot be resolved (names.py), its name relative to the compiled frame, False."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
-        return None
+        return None, True, None
     path = list(stack.values())[-1][0]
-    return clean_fqn(path) or None
+    found = names.resolve_module(path)
+    if found is not None:
+        return found[0] or None, True, found[1]
+    return clean_fqn(path) or None, False, None
 
 
 def _op_of(node: fx.Node) -> str | None:
@@ -108,13 +117,14 @@ def _reduction(site: Site):
     return a.shape[-1] if a.dim() else None
 
 
-def find_sites(graph: fx.Graph) -> list[Site]:
+def find_sites(graph: fx.Graph, subgraph: str | None = None) -> list[Site]:
     sites = []
     for node in graph.nodes:
         op = _op_of(node)
         if op is None:
             continue
-        site = Site(node, op, module=module_of(node))
+        module, resolved, root = module_of(node)
+        site = Site(node, op, module=module, module_resolved=resolved, root=root, subgraph=subgraph)
         sites.append(site)
         try:
             if op == "einsum":

@@ -16,6 +16,7 @@ from torch._logging import trace_structured
 
 from fp4compile.config import FP4Config
 from fp4compile.passes.find_sites import Site, example
+from fp4compile.passes.names import root_label
 from fp4compile.runtime.gemm import plan
 
 log = logging.getLogger("fp4compile")
@@ -65,13 +66,15 @@ def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
     return {"path": path, "reason": reason}
 
 
-def site_record(site: Site, config: FP4Config, subgraph: str | None = None) -> dict:
+def site_record(site: Site, config: FP4Config, root: str | None = None) -> dict:
     tensors = [example(n) for n in site.operands] if site.operands else []
     return {
-        "subgraph": subgraph,
+        "subgraph": site.subgraph,
+        "root": root,
         "node": site.node.name,
         "op": site.op,
         "module": site.module,
+        "module_resolved": site.module_resolved,
         "weights": list(site.weights),
         "shapes": [[_size(s) for s in t.shape] if t is not None else None for t in tensors],
         "dtype": str(tensors[0].dtype).removeprefix("torch.") if tensors and tensors[0] is not None else None,
@@ -82,11 +85,17 @@ def site_record(site: Site, config: FP4Config, subgraph: str | None = None) -> d
     }
 
 
-def build_report(name: str, sites: dict[str | None, list[Site]], config: FP4Config) -> dict:
-    """``sites`` by subgraph: the path of its GraphModule from the root graph (None for the root)."""
-    records = [site_record(s, config, path) for path, found in sites.items() for s in found]
+def build_report(name: str, sites: list[Site], config: FP4Config, serves: dict | None = None) -> dict:
+    """``serves``: for each block the graph was traced from (names.specialize), the FQNs of all the modules
+    whose calls it serves; the sites are named in the traced block. ``root`` tells apart the root models of
+    a graph that reaches several (a model and its teacher under @train_step): None when there is one.
+    ``subgraph``: the path of the site's GraphModule from the root graph (None for the root)."""
+    roots = {id(s.root): s.root for s in sites if s.root is not None}
+    labels = {i: root_label(r) for i, r in roots.items()} if len(roots) > 1 else {}
+    records = [site_record(s, config, labels.get(id(s.root))) for s in sites]
     return {
         "graph": name,
+        "serves": serves or {},
         "config": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
         "summary": {
             "fp4": sum(r["status"] == "fp4" for r in records),
@@ -108,7 +117,8 @@ def summary_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     s = report["summary"]
-    return f"fp4compile {report['graph']}: {s['fp4']} fp4, {s['skipped']} skipped\n" + "\n".join(lines)
+    serves = "".join(f"\nserves {', '.join(served)} (traced in {traced})" for traced, served in report["serves"].items())
+    return f"fp4compile {report['graph']}: {s['fp4']} fp4, {s['skipped']} skipped{serves}\n" + "\n".join(lines)
 
 
 def dump_dir(config: FP4Config) -> str | None:
