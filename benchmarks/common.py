@@ -17,7 +17,7 @@ import fp4compile
 from fp4compile import FP4Config
 
 # The variants every model benchmark runs side by side. torchao's float8 training runs where torchao is
-# importable (it is not in the GPU image: carry its wheel, see docs/performance.md).
+# importable (optional: install torchao to get its rows).
 VARIANTS = {
     "bf16_eager": None,
     "bf16_inductor": "inductor",

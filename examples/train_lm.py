@@ -1,6 +1,6 @@
 """Train a small LLaMA-style causal LM from scratch with FP4 matmuls, on real text found on this machine.
 
-    python examples/train_lm.py --preset smoke --recipe paper          # seconds on a CPU
+    python examples/train_lm.py --preset smoke --recipe paper          # ~10 minutes on a 2-core CPU
     python examples/train_lm.py --preset base --recipe bf16 --tokens 100e6   # on a GPU
     torchrun --nproc_per_node 2 examples/train_lm.py --preset base --recipe paper [--fsdp] [--fp8-comm]
 

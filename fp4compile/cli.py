@@ -3,17 +3,23 @@
     fp4compile doctor                   versions, the device, and the GEMM path each FP4 format takes on it
     fp4compile doctor --target sm_100   also compile the Blackwell FP4 kernels ahead of time (no GPU needed)
                                         and print, per kernel, the MMA instruction in the PTX and the cubin
-                                        size; exit 1 if one does not lower to a native FP4 MMA
+                                        size; exit 1 if one does not lower to a native FP4 MMA,
+                                        exit 2 with a one-line reason if it cannot compile for the target
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+import fp4compile
 from fp4compile.runtime import gemm
 from fp4compile.runtime.formats import FORMATS
 
@@ -78,30 +84,69 @@ def doctor(targets: list[str], formats: list[str], verbose: bool = False, out=No
             print(f"error: compiling for sm_{cc} needs triton: pip install triton", file=out)
             return 2
         print(f"Ahead-of-time compile of the block-scaled FP4 kernels for sm_{cc}:", file=out)
-        for kernel in blackwell.KERNELS:
-            for name in formats:
-                label = f"{kernel} {name}"
-                start = time.perf_counter()
-                try:
-                    result = blackwell.compile_for(f"sm_{cc}", name, kernel)
-                except Exception as e:
-                    print(f"  {label:<15} FAILED to compile: {e.__class__.__name__}: {str(e).strip()[-500:]}", file=out)
-                    status = 1
-                    continue
-                seconds = time.perf_counter() - start
-                if kernel == "quantize":
-                    print(f"  {label:<15} compiled; cubin {result.cubin_size} bytes; {seconds:.1f} s", file=out)
-                    continue
-                mma = ", ".join(result.mma_instructions) or "no block-scaled FP4 MMA in the PTX"
-                verdict = "native FP4 MMA" if result.native else "NOT native (emulated dot_scaled)"
-                print(f"  {label:<15} {verdict}: {mma}; cubin {result.cubin_size} bytes; "
-                      f"{len(result.mma_lines)} MMA sites; {seconds:.1f} s", file=out)
+        results, error = _compile_in_child(cc, formats)
+        if error:
+            print(f"error: cannot compile for sm_{cc}: {error}", file=out)
+            return 2
+        for r in results:
+            label = f"{r['kernel']} {r['format']}"
+            if "error" in r:
+                print(f"  {label:<15} FAILED to compile: {r['error']}", file=out)
+                status = 1
+            elif r["kernel"] == "quantize":
+                print(f"  {label:<15} compiled; cubin {r['cubin_size']} bytes; {r['seconds']:.1f} s", file=out)
+            else:
+                mma = ", ".join(r["mma_instructions"]) or "no block-scaled FP4 MMA in the PTX"
+                verdict = "native FP4 MMA" if r["native"] else "NOT native (emulated dot_scaled)"
+                print(f"  {label:<15} {verdict}: {mma}; cubin {r['cubin_size']} bytes; "
+                      f"{len(r['mma_lines'])} MMA sites; {r['seconds']:.1f} s", file=out)
                 if verbose:
-                    for line in result.mma_lines:
+                    for line in r["mma_lines"]:
                         print(f"                  {line}", file=out)
-                if not result.native:
+                if not r["native"]:
                     status = 1
     return status
+
+COMPILE_TIMEOUT_S = 600
+
+
+def _compile_in_child(cc: int, formats: list[str]) -> tuple[list[dict], str | None]:
+    """Compile every kernel for sm_<cc> in a child process: LLVM aborts the whole process on some
+    inputs (an exit by SIGABRT, not an exception), and the doctor must still answer with a reason.
+    Returns (one dict per kernel, None) or ([], a one-line reason)."""
+    root = str(Path(fp4compile.__file__).resolve().parents[1])  # the child imports this same copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = "import sys; from fp4compile.cli import _compile_report; _compile_report(int(sys.argv[1]), sys.argv[2:])"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(cc), *formats], capture_output=True, text=True,
+                              env=env, timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return [], f"triton's compiler did not finish within {COMPILE_TIMEOUT_S} s"
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if "ERROR" in line or "Error" in line), lines[-1] if lines else "")
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        return [], f"triton's compiler stopped ({how}): {last[:300]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], None
+
+
+def _compile_report(cc: int, formats: list[str]) -> None:
+    """The child's side of _compile_in_child: one JSON line per kernel and format on stdout."""
+    from fp4compile.runtime.kernels import blackwell
+
+    for kernel in blackwell.KERNELS:
+        for name in formats:
+            row = {"kernel": kernel, "format": name}
+            start = time.perf_counter()
+            try:
+                result = blackwell.compile_for(f"sm_{cc}", name, kernel)
+            except Exception as e:
+                row["error"] = f"{e.__class__.__name__}: {str(e).strip()[-500:]}"
+            else:
+                row.update(native=result.native, mma_instructions=list(result.mma_instructions),
+                           mma_lines=list(result.mma_lines), cubin_size=result.cubin_size,
+                           seconds=time.perf_counter() - start)
+            print(json.dumps(row), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

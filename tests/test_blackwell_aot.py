@@ -1,4 +1,4 @@
-"""Blackwell native FP4 (issue 6): the Triton block-scaled GEMM lowers to sm_100's FP4 MMAs, checked by
+"""Blackwell native FP4: the Triton block-scaled GEMM lowers to sm_100's FP4 MMAs, checked by
 ahead-of-time compilation on any machine; its numerics against the reference fake-quantized product on
 CPU (Triton's interpreter, in a subprocess) and on a CUDA device.
 
@@ -102,6 +102,26 @@ def test_doctor_target_sm100_exit_code(capsys):
     assert "cubin" in out and "torch" in out and "triton" in out
     for name in ("tensor", "vector", "mxfp4", "nvfp4"):
         assert f"  {name}" in out
+
+
+@pytest.mark.parametrize("target", ["sm_1000", "sm_abc", "sm_7", "sm_75"])
+def test_doctor_bad_target_exits_2_with_one_line(target, capsys):
+    assert main(["doctor", "--target", target]) == 2
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and target in errors[0]
+
+
+def test_doctor_compiler_abort_exits_2_with_one_line(monkeypatch, capsys):
+    """LLVM aborts the compiling process on some inputs: the doctor compiles in a child and reports it."""
+    import subprocess
+
+    bw.compilable_targets()  # cached before run() is replaced
+    stderr = "'sm_1000a' is not a recognized processor\nLLVM ERROR: Cannot select: intrinsic %llvm.nvvm.x\n"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -6, "", stderr))
+    assert main(["doctor", "--target", "sm_100"]) == 2
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert errors == ["error: cannot compile for sm_100: triton's compiler stopped (signal 6): "
+                      "LLVM ERROR: Cannot select: intrinsic %llvm.nvvm.x"]
 
 
 # ---------------------------------------------------------------------------------------------------------

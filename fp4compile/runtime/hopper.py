@@ -4,8 +4,8 @@ E2M1 values (and MXFP4 values with their block scales folded in, see quantize.ge
 float8_e4m3fn and the gradient is already FP8 (e5m2 or e4m3), so an FP8 GEMM multiplies the very operands
 the emulation multiplies. Rowwise scaling (scale_a [M, 1], scale_b [1, N]) applies the per-row scales
 after the product, as ``gemm.emulated`` does; the output is rounded once to the caller's dtype (BF16 for
-a BF16 model) and ``use_fast_accum=False`` keeps the FP32 accumulation ``scaled_gemm`` promises. Measured on an
-H100 (docs/performance.md): the forward (E2M1 x E2M1: terms are multiples of 1/4 below 36) equals the
+a BF16 model) and ``use_fast_accum=False`` keeps the FP32 accumulation ``scaled_gemm`` promises. On Hopper
+(tests/test_hopper.py): the forward (E2M1 x E2M1: terms are multiples of 1/4 below 36) equals the
 emulation up to the two scale multiplies; the backward (e5m2 x E2M1) differs by up to ~2^-16 of
 sum |a||b|, as Hopper's FP8 MMA adds products in reduced precision before each FP32 promotion.
 

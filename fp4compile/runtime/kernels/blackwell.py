@@ -25,7 +25,9 @@ dY^T and X^T along the tokens), see :func:`block_scaled_matmul`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import subprocess
 
 import torch
 
@@ -499,11 +501,39 @@ class AOTResult:
 
 
 def parse_target(target: str | int) -> int:
-    """"sm_100", "sm_100a", "100" or 100 -> 100."""
+    """"sm_100", "sm_100a", "100" or 100 -> 100, for a target the installed Triton can compile for.
+
+    Triton passes any number on to LLVM, which aborts the process on an architecture it does not know
+    ("sm_1000"), and Triton's tensor-core lowering starts at sm_80 (compiling dot_scaled for sm_75 did
+    not finish in 5 minutes), so a target is checked here against the ptxas Triton uses for it."""
     m = re.fullmatch(r"(?:sm_?)?(\d+)a?", str(target).strip().lower())
     if not m:
         raise ValueError(f"target must look like 'sm_100' (a CUDA compute capability), got {target!r}")
-    return int(m.group(1))
+    cc = int(m.group(1))
+    known = compilable_targets()
+    if known and cc not in known:
+        raise ValueError(f"triton {triton.__version__} cannot compile for sm_{cc}; it can for "
+                         + ", ".join(f"sm_{c}" for c in known))
+    return cc
+
+
+@functools.cache
+def compilable_targets() -> tuple[int, ...]:
+    """Capabilities from sm_80 on that the ptxas Triton picks for each (its ``--help`` lists them);
+    () without triton, or when ptxas cannot be run (then every target is tried)."""
+    if not HAS_TRITON:
+        return ()
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    known = set()
+    for low, high, probe in ((80, 90, 80), (90, 10**9, 100)):  # Triton's ptxas below sm_90, and from sm_90
+        try:
+            text = subprocess.run([get_ptxas(probe).path, "--help"], capture_output=True, text=True,
+                                  timeout=60).stdout
+        except (OSError, subprocess.SubprocessError, RuntimeError):
+            return ()
+        known |= {int(cc) for cc in re.findall(r"'sm_(\d+)'", text) if low <= int(cc) < high}
+    return tuple(sorted(known))
 
 
 KERNELS = ("gemm", "quantize")

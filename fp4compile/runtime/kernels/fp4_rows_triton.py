@@ -3,9 +3,8 @@ E2M1 values in float8_e4m3fn; the bits of ``quantize.gemm_operand(x, "vector")``
 
 Why a kernel: Inductor fuses the reference into the activation's producer as a looped reduction that
 reads each row twice and computes the producer twice (for the SwiGLU output: silu and the product of
-both inputs, per element, twice), and stores the values once per kernel that reads them: 5.5 ms of the
-~1B Llama step for the SwiGLU output alone, where BF16's silu-multiply takes 2.0 ms
-(docs/performance.md). Here the producer is stored once in the activation's dtype, as BF16 stores it,
+both inputs, per element, twice), and stores the values once per kernel that reads them: for the
+SwiGLU output that cost more than twice BF16's silu-multiply (CHANGELOG.md). Here the producer is stored once in the activation's dtype, as BF16 stores it,
 and each program holds BLOCK_M whole rows in registers (BLOCK_K, the next power of two of K, at most
 MAX_K). An operator of its own, as kernels/transpose_triton.py says why: AOTAutograd's CSE merges the
 calls for an input several sites share (q/k/v's, gate/up's).
@@ -40,7 +39,7 @@ def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, stride_x, INV_MAX: tl.constexpr,
 
 def _launch_shape(k: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, warps): 8192 elements per program (one row from BLOCK_K = 8192 up), 64 per
-    thread, the fastest of those measured on an H200 for K = 2048, 4096, 5632, 14336 (docs/performance.md)."""
+    thread, the fastest for K = 2048, 4096, 5632, 14336 (CHANGELOG.md)."""
     block_k = triton.next_power_of_2(k)
     block_m = max(1, 8192 // block_k)
     return block_m, block_k, block_m * block_k // 2048

@@ -8,13 +8,13 @@ and stores the dW operand in dY's layout, so a transpose kernel follows. Here pa
 row and column amaxes into one vector (an atomic max on the float bits, which order like the floats
 since they are >= 0; a NaN's bits order above inf's), a small kernel turns the M + N amaxes into scales
 and their reciprocals, and pass 2 re-reads each tile, quantizes it both ways and stores the dW operand
-transposed (Triton moves the tile through shared memory, so both stores coalesce). Computing each
-reciprocal once, rather than (in float64) in every tile that needs it, took pass 2 from 63-65% to
-84-86% of copy bandwidth on an H200 (docs/performance.md).
+transposed (Triton moves the tile through shared memory, so both stores coalesce). Each reciprocal is
+computed once, not (in float64) in every tile that needs it: replicated per tile, the float64
+divisions bounded pass 2 well below copy bandwidth (CHANGELOG.md).
 
 An operator of its own rather than a ``triton_op``: its schema says dY is only read, so the compiled
 backward writes dY once. Traced as a triton_op, each kernel's inputs went through Inductor's analysis of
-what a kernel mutates, and the compiled backward stored dY once per kernel (docs/performance.md).
+what a kernel mutates, and the compiled backward stored dY once per kernel (CHANGELOG.md).
 Defined with ``torch.library.Library``, as kernels/transpose_triton.py says why.
 """
 
@@ -26,8 +26,7 @@ from fp4compile.runtime.kernels.launch import launch
 from fp4compile.runtime.kernels.triton_quantize import absmax_scale, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
-# (BLOCK_M, BLOCK_N, warps), the fastest of the tiles measured on an H200 for 16384 x {2048, 4096, 5632,
-# 14336} (docs/performance.md).
+# (BLOCK_M, BLOCK_N, warps), the fastest tiles for 16384 x {2048, 4096, 5632, 14336} (CHANGELOG.md).
 AMAX_TILE = (128, 64, 4)
 QUANTIZE_TILE = (64, 128, 4)
 _SCALE_BLOCK = 1024

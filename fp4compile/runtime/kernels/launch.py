@@ -1,9 +1,8 @@
 """Launching a Triton kernel from an operator's Python body in a few microseconds of host time.
 
 Triton's JIT call, ``kernel[grid](...)``, binds the arguments, works out their specialization and looks
-the compiled kernel up on every call: ~13 us of host time per launch on an H200's host, where the
-compiled kernel's own launcher takes a few (docs/performance.md), and a ~1B Llama step launches ~580 of
-these kernels. ``launch`` goes through the JIT once per specialization, then calls the compiled kernel.
+the compiled kernel up on every call, several times the host time of the compiled kernel's own
+launcher, and a training step launches hundreds of these kernels (CHANGELOG.md). ``launch`` goes through the JIT once per specialization, then calls the compiled kernel.
 Its key holds everything Triton specializes on (dtypes, pointers' 16-byte alignment, integers equal to
 1, divisible by 16, or beyond int32) and the constexprs, so no call reuses a kernel compiled under
 assumptions its arguments break. Under Triton's interpreter every call goes through the JIT.

@@ -7,7 +7,7 @@ The tensor scale needs the amax of the *rotated* tensor, so a launch in AMAX mod
 first (the rotation is recomputed in the second launch rather than stored: a [G, G] product per group is
 cheaper than a round trip through memory). The rotation runs on the tensor cores as three TF32 products
 ("tf32x3", about FP32's precision): as an FP32 FMA loop, a 128-group spilled ~20 KB of registers per
-thread and made quartet2's FFN step 39x slower than BF16's on an H100. Stochastic decisions use uniforms
+thread, and the spills dominated quartet2's backward (CHANGELOG.md). Stochastic decisions use uniforms
 drawn by torch (same count, shape and generator as the reference draws), so the kernel takes the
 reference's exact decisions for a seed. Numerics against the reference (``reference``): bit-exact
 whenever the rotation is exact in FP32 (e.g. integer inputs with groups 16 or 64, whose Hadamard entries

@@ -2,8 +2,8 @@
 
 Why a kernel of our own: given ``.contiguous()`` on a transposed view, Inductor fuses the copy into the
 quantize kernel that produced the operand as a loop whose stores walk down a column, one byte per thread
-at a stride of M bytes (a 32-sector store per warp instruction): 3.8 ms for a 16384 x 14336 operand on
-an H100, where reading and writing 235 MB takes ~0.16 ms. Here each program loads a tile along rows and
+at a stride of M bytes (a 32-sector store per warp instruction), an order of magnitude slower than a
+copy of the same bytes (CHANGELOG.md). Here each program loads a tile along rows and
 stores it along rows of the output (Triton moves the tile through shared memory), so both sides
 coalesce.
 
@@ -11,8 +11,8 @@ An operator of its own (not a ``triton_op``): torch.compile sees one opaque call
 AOTAutograd's CSE merges the transposes of a tensor that several sites share (the FP4 values of q/k/v's
 or gate/up's input). A traced triton_op writes into a fresh ``empty`` buffer per call, which CSE never
 merges. Defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: its calls skip
-custom_op's Python autograd layer, 46 -> 29 us of host time per call on an H200's host
-(docs/performance.md); the op never sees a tensor that requires grad.
+custom_op's Python autograd layer, about a third of the op's host time per call (CHANGELOG.md); the op
+never sees a tensor that requires grad.
 """
 
 import torch
