@@ -212,6 +212,15 @@ if HAS_TRITON:
         as_rows = a_scale_ptr + offs_m[:, None] * stride_asm
         bs_rows = b_scale_ptr + offs_n[:, None] * stride_bsn
 
+        if ROW_SCALES:
+            # Every block scale 2^0 (E8M0 127), made once here instead of loaded (rows out of range get 0:
+            # their codes are 0 anyway). A None scale would make Triton upcast the codes to a kind::f16 MMA.
+            # Two constant tiles would do on triton 3.9, but 3.6 fails to compile them for sm_100 when equal
+            # shapes let CSE merge them into one tensor-memory buffer; tiles built from the row masks stay
+            # distinct and lower to kind::mxf4 on both (checked AOT).
+            a_s = tl.broadcast_to(tl.where(mask_m, 127, 0).to(tl.uint8), (BLOCK_M, BLOCK_K // VEC))
+            b_s = tl.broadcast_to(tl.where(mask_n, 127, 0).to(tl.uint8), (BLOCK_N, BLOCK_K // VEC))
+
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kb = k0 // 2 + offs_kb
@@ -219,12 +228,7 @@ if HAS_TRITON:
             # Out-of-range codes load as 0 (E2M1 zero): the tail of K and ragged M/N add nothing.
             a = tl.load(a_rows + kb[None, :], mask=mask_m & in_kb, other=0)
             b = tl.load(b_rows + kb[None, :], mask=mask_n & in_kb, other=0)
-            if ROW_SCALES:
-                # Every block scale 2^0 (E8M0 127), made here instead of loaded. Passing None instead would
-                # make Triton upcast the codes to a kind::f16 MMA; a constant keeps kind::mxf4 (checked AOT).
-                a_s = tl.full((BLOCK_M, BLOCK_K // VEC), 127, tl.uint8)
-                b_s = tl.full((BLOCK_N, BLOCK_K // VEC), 127, tl.uint8)
-            else:
+            if not ROW_SCALES:
                 ks = k0 // VEC + offs_ks
                 in_ks = ks[None, :] < K // VEC
                 a_s = tl.load(as_rows + ks[None, :], mask=mask_m & in_ks, other=0)
