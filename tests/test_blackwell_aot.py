@@ -302,9 +302,10 @@ def test_interpreter_numerics_triton_semantics_mxfp4():
 @pytest.mark.parametrize("semantics", ["triton", "fp4compile"])
 def test_interpreter_vector_bit_exact_with_emulation(semantics):
     """The vector format on the kernel (unit block scales, row scales in the epilogue) gives gemm.emulated's
-    bits (up to the sign of zero, see same_values): every partial sum of E2M1 products is exact in FP32 (multiples of 1/4 below 2^22, for K up to
-    2^22 / 36), so the accumulation order cannot matter, and the epilogue rounds the two scale multiplies
-    in the emulation's order. NaN rows and columns, zero rows, K tails and odd K included."""
+    bits (up to the sign of zero, see same_values): every partial sum of E2M1 products is a multiple of 1/4
+    below 2^22 for K up to 2^22 / 36, so exact in FP32 and independent of the accumulation order, and the
+    epilogue rounds the two scale multiplies in the emulation's order. NaN rows and columns, zero rows,
+    K tails and odd K included."""
     results = _interpreted()[f"vector {semantics}"]
     assert len(results) == len(VECTOR_CASES)
     assert all(results.values()), [case for case, same in results.items() if not same]

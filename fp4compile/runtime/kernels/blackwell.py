@@ -646,6 +646,8 @@ def _gemm_source(fmt: BlockFormat, cfg: dict):
     # What the JIT infers for 16-byte aligned pointers and strides/K divisible by 16 (the common case).
     aligned = ("a_ptr", "a_scale_ptr", "b_ptr", "b_scale_ptr", "c_ptr", "K", "stride_am", "stride_asm", "stride_bn",
                "stride_bsn", "stride_cm")
+    if fmt.name == "vector":  # the row scales' strides are 1
+        aligned = tuple(name for name in aligned if name not in ("stride_asm", "stride_bsn"))
     return fn, signature, constexprs, aligned
 
 
@@ -665,8 +667,8 @@ def _quantize_source(fmt: BlockFormat, cfg: dict):
 
 def compile_for(target: str | int = "sm_100", format: str = "mxfp4", kernel: str = "gemm", **config) -> AOTResult:
     """Compile a kernel ("gemm" or "quantize", see KERNEL_FORMATS) for ``target`` ahead of time (no GPU
-    needed) and inspect its PTX. ``config`` overrides the tile sizes (DEFAULT_CONFIG for the GEMM; BLOCK_R, BLOCK_K and the
-    input dtype ``in_dtype`` ("bf16", "fp32") for the quantizer).
+    needed) and inspect its PTX. ``config`` overrides the tile sizes (DEFAULT_CONFIG for the GEMM; BLOCK_R,
+    BLOCK_K and the input dtype ``in_dtype`` ("bf16", "fp32") for the quantizer).
 
     Uses ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))``.
     """
