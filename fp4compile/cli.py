@@ -135,7 +135,7 @@ def _compile_report(cc: int, formats: list[str]) -> None:
     from fp4compile.runtime.kernels import blackwell
 
     for kernel in blackwell.KERNELS:
-        for name in formats:
+        for name in (f for f in formats if f in blackwell.KERNEL_FORMATS[kernel]):
             row = {"kernel": kernel, "format": name}
             start = time.perf_counter()
             try:
@@ -155,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     doc = sub.add_parser("doctor", help="versions, device, GEMM dispatch; --target compiles the FP4 kernels AOT")
     doc.add_argument("--target", action="append", default=[],
                      help="compile the Blackwell kernels ahead of time for this CUDA arch, e.g. sm_100 (repeatable)")
-    doc.add_argument("--format", action="append", choices=["mxfp4", "nvfp4"], default=None,
-                     help="only this block format (repeatable; default both)")
+    doc.add_argument("--format", action="append", choices=["mxfp4", "nvfp4", "vector"], default=None,
+                     help="only this format (repeatable; default all three)")
     doc.add_argument("-v", "--verbose", action="store_true", help="print every MMA line found in the PTX")
     args = parser.parse_args(argv)
     if args.command == "doctor":
-        return doctor(args.target, args.format or ["mxfp4", "nvfp4"], args.verbose)
+        return doctor(args.target, args.format or ["mxfp4", "nvfp4", "vector"], args.verbose)
     return 2
 
 

@@ -62,7 +62,11 @@ def bits_equal(got: torch.Tensor, want: torch.Tensor, interpreted: bool) -> bool
 def run_interpreted(script: str, *args: str, **env: str) -> dict:
     """Run a test file as a script under Triton's interpreter (TRITON_INTERPRET=1 must be set before
     triton is imported, hence a subprocess) and return the JSON it prints last."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", **env}
+    # The repo root first on the path, so that the script imports this checkout's fp4compile and not the
+    # installed one (a script's sys.path starts at its own folder, not the cwd).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(script)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path, **env}
     proc = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,12 +7,13 @@ results as JSON: that is what the CPU numerics tests do, in a subprocess (the in
 before triton is imported).
 """
 
+import functools
 import json
 import sys
 
 import pytest
 import torch
-from conftest import run_interpreted
+from conftest import bits_equal, run_interpreted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ triton = pytest.importorskip("triton")
 from triton.runtime import interpreter  # noqa: E402
 
 from fp4compile.cli import main  # noqa: E402
+from fp4compile.runtime import gemm  # noqa: E402
 from fp4compile.runtime.kernels import blackwell as bw  # noqa: E402
 from fp4compile.runtime.eden import ms_eden_operand  # noqa: E402
 from fp4compile.runtime.quantize import fake_quantize, gemm_operand, tiles_operand  # noqa: E402
@@ -35,6 +37,12 @@ def fp32_tolerance(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return (k + 4) * U32 * (xq.double().abs() @ wq.double().abs().T) + 1e-30
 
 
+def same_values(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal as numbers, NaN where NaN: the same bits up to the sign of a zero (the kernel's accumulator
+    starts at +0, so a dot product whose every term is -0 comes out +0 where the emulation may give -0)."""
+    return bool(((got == want) | (got.isnan() & want.isnan())).all())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for sm_100 (runs on CPU)
 # ---------------------------------------------------------------------------------------------------------
@@ -42,7 +50,8 @@ def fp32_tolerance(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "format, kind, block",
-    [("mxfp4", "kind::mxf4.block_scale", 32), ("nvfp4", "kind::mxf4nvf4.block_scale", 16)],
+    [("mxfp4", "kind::mxf4.block_scale", 32), ("nvfp4", "kind::mxf4nvf4.block_scale", 16),
+     ("vector", "kind::mxf4.block_scale", 32)],  # vector: unit E8M0 scales made in the kernel, same FP4 MMA
 )
 def test_aot_sm100_lowers_to_native_fp4_mma(format, kind, block):
     result = bw.compile_for("sm_100", format)
@@ -67,8 +76,10 @@ def test_aot_sm100_quantize_kernel_compiles(format):
 def test_wrong_format_string_errors():
     with pytest.raises(ValueError, match="unknown FP4 format 'mxfp8'"):
         bw.compile_for("sm_100", "mxfp8")
-    with pytest.raises(ValueError, match="block-scaled formats only"):
-        bw.compile_for("sm_100", "vector")
+    with pytest.raises(ValueError, match="the gemm kernel takes the formats"):
+        bw.compile_for("sm_100", "tensor")
+    with pytest.raises(ValueError, match="the quantize kernel takes the formats"):
+        bw.compile_for("sm_100", "vector", "quantize")
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="unknown FP4 format 'nvfp8'"):
         bw.pack_operand(x, "nvfp8")
@@ -99,6 +110,7 @@ def test_doctor_target_sm100_exit_code(capsys):
     assert main(["doctor", "--target", "sm_100"]) == 0
     out = capsys.readouterr().out
     assert "kind::mxf4.block_scale" in out and "kind::mxf4nvf4.block_scale" in out
+    assert "gemm vector     native FP4 MMA: tcgen05.mma" in out and "quantize vector" not in out
     assert "cubin" in out and "torch" in out and "triton" in out
     for name in ("tensor", "vector", "mxfp4", "nvfp4"):
         assert f"  {name}" in out
@@ -208,6 +220,37 @@ def _quantize_cases() -> dict:
     return same
 
 
+# Vector format: (M, N, K, BLOCK_M, BLOCK_N, BLOCK_K): K not a multiple of 32 (70), odd (45: one zero code
+# appended), 2, and K tails of BLOCK_K; ragged M and N. FP32 output only: Triton's interpreter truncates
+# FP32 -> BF16 casts (a GPU rounds them to nearest even); the GPU test checks BF16 output.
+VECTOR_CASES = [(37, 45, 192, 16, 16, 128), (3, 70, 70, 16, 32, 64), (50, 9, 45, 32, 16, 64),
+                (23, 31, 320, 16, 16, 256), (5, 6, 2, 16, 16, 64)]
+
+
+def _vector_operands(m, n, k, gen, device="cpu"):
+    """gemm_operand(., "vector") of random rows spanning 2^+-20, with an all-zero row (scale 0) and a NaN row
+    (NaN scale) in each operand: the NaN row of B must poison a column, the zero row of A stays 0 elsewhere."""
+    x = torch.randn(m, k, generator=gen, device=device) * torch.exp2(
+        torch.randint(-20, 20, (m, 1), generator=gen, device=device).float())
+    w = torch.randn(n, k, generator=gen, device=device)
+    x[0], w[0] = 0.0, 0.0
+    x[-1, k // 2], w[-1, 0] = float("nan"), float("nan")
+    return (*gemm_operand(x, "vector"), *gemm_operand(w, "vector"))
+
+
+def _vector_interpret_cases() -> dict:
+    """{case: the kernel's output equals gemm.emulated's (same_values)} for the vector format (interpreted)."""
+    same, gen = {}, torch.Generator().manual_seed(7)
+    for m, n, k, bm, bn, bk in VECTOR_CASES:
+        xv, xs, wv, ws = _vector_operands(m, n, k, gen)
+        (pa, sa), (pb, sb) = bw.split_vector(xv, xs), bw.split_vector(wv, ws)
+        out = torch.full((m, n), float("nan"))
+        bw.launch(pa, sa, pb, sb, None, None, "vector", out, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2)
+        want = gemm.emulated(xv, xs, wv, ws)
+        same[f"vector {m}x{n}x{k}"] = want[-1].isnan().all().item() and same_values(out, want)
+    return same
+
+
 def _interpret_cases() -> dict:
     """Run the kernel (interpreted; TRITON_INTERPRET=1 must be set before triton is imported) on every case:
     MXFP4 with Triton's own interpreted dot_scaled, then both formats with ours. Returns
@@ -218,6 +261,7 @@ def _interpret_cases() -> dict:
             _install_dot_scaled_semantics()
         gen = torch.Generator().manual_seed(6)
         ratios = results[semantics] = {}
+        results[f"vector {semantics}"] = _vector_interpret_cases()
         for format in ("mxfp4", "nvfp4") if semantics == "fp4compile" else ("mxfp4",):
             for m, n, k, bm, bn, bk in INTERPRET_CASES:
                 x = torch.randn(m, k, generator=gen) * torch.exp2(torch.randint(-6, 6, (m, 1), generator=gen))
@@ -233,6 +277,12 @@ def _interpret_cases() -> dict:
     return results
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreted() -> dict:
+    """This file's interpreter results, computed once per session (one subprocess runs every case)."""
+    return run_interpreted(__file__, "interpret", TRITON_DEFAULT_FP_FUSION="1")
+
+
 # Triton < 3.8's interpreter has no dot_scaled, and 3.6's cannot run this kernel's K loop under numpy 2
 # (pyproject's test extra asks for triton >= 3.8, so CI runs these).
 needs_interpreted_dot_scaled = pytest.mark.skipif(
@@ -245,7 +295,7 @@ needs_interpreted_dot_scaled = pytest.mark.skipif(
 def test_interpreter_numerics_match_reference():
     """Both formats, ragged M/N and K tails: the kernel's indexing, masking, K loop and epilogue, with
     dot_scaled given the formats' defined semantics (see _install_dot_scaled_semantics)."""
-    results = run_interpreted(__file__, "interpret", TRITON_DEFAULT_FP_FUSION="1")["fp4compile"]
+    results = _interpreted()["fp4compile"]
     assert len(results) == 2 * len(INTERPRET_CASES)
     bad = {case: ratio for case, ratio in results.items() if not ratio <= 1.0}
     assert not bad, f"error above the FP32-accumulation tolerance: {bad}"
@@ -254,7 +304,7 @@ def test_interpreter_numerics_match_reference():
 @needs_interpreted_dot_scaled
 def test_interpreter_quantize_kernel_bit_exact():
     """The Triton quantize kernel's packed codes and scales are the reference quantizer's, byte for byte."""
-    results = run_interpreted(__file__, "interpret", TRITON_DEFAULT_FP_FUSION="1")["quantize"]
+    results = _interpreted()["quantize"]
     assert len(results) == 2 * (len(list(_quantize_inputs())) + 1)
     assert all(results.values()), [case for case, same in results.items() if not same]
 
@@ -262,10 +312,69 @@ def test_interpreter_quantize_kernel_bit_exact():
 @needs_interpreted_dot_scaled
 def test_interpreter_numerics_triton_semantics_mxfp4():
     """MXFP4 through Triton's own interpreted dot_scaled (E8M0 decode is Triton's, not ours)."""
-    results = run_interpreted(__file__, "interpret", TRITON_DEFAULT_FP_FUSION="1")["triton"]
+    results = _interpreted()["triton"]
     assert len(results) == len(INTERPRET_CASES)
     bad = {case: ratio for case, ratio in results.items() if not ratio <= 1.0}
     assert not bad, f"error above the FP32-accumulation tolerance: {bad}"
+
+
+@needs_interpreted_dot_scaled
+@pytest.mark.parametrize("semantics", ["triton", "fp4compile"])
+def test_interpreter_vector_bit_exact_with_emulation(semantics):
+    """The vector format on the kernel (unit block scales, row scales in the epilogue) gives gemm.emulated's
+    bits (up to the sign of zero, see same_values): every partial sum of E2M1 products is a multiple of 1/4
+    below 2^22 for K up to 2^22 / 36, so exact in FP32 and independent of the accumulation order, and the
+    epilogue rounds the two scale multiplies in the emulation's order. NaN rows and columns, zero rows,
+    K tails and odd K included."""
+    results = _interpreted()[f"vector {semantics}"]
+    assert len(results) == len(VECTOR_CASES)
+    assert all(results.values()), [case for case, same in results.items() if not same]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), m=st.integers(1, 9), k=st.integers(1, 80), shift=st.integers(-130, 120))
+def test_split_vector_round_trip(seed, m, k, shift):
+    """split_vector's codes times its row scales decode to exactly the operand's values times scales (a NaN
+    row to NaN), for any K (odd: one zero code appended), over the FP32 range; the CPU op equals the
+    emulation (same_values: the appended +0 code can turn a -0 sum into +0)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * 2.0**shift
+    x[0] = 0.0
+    if m > 2:
+        x[2, k - 1] = torch.nan
+    values, scale = gemm_operand(x, "vector")
+    packed, s = bw.split_vector(values, scale)
+    assert packed.dtype == torch.uint8 and packed.shape == (m, (k + 1) // 2) and s.shape == (m,)
+    decoded = bw.e2m1.decode_e2m1(bw.e2m1.unpack_e2m1(packed))
+    assert (decoded[:, k:] == 0).all()
+    assert bits_equal(decoded[:, :k] * s[:, None], values.float() * scale, False)
+    assert m <= 2 or s[2].isnan()
+    out = bw.vector_scaled_mm(packed, s, packed, s)
+    assert same_values(out, gemm.emulated(values, scale, values, scale))
+
+
+def test_cpu_vector_op_and_compile():
+    """vector_gemm takes scaled_gemm's operands ([..., M, K] x [N, K], row or 0-d scales); the op's
+    checks; the op under torch.compile; opcheck."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 96, generator=gen), torch.randn(24, 96, generator=gen)
+    (xv, xs), (wv, ws) = gemm_operand(x, "vector"), gemm_operand(w, "vector")
+    out = bw.vector_gemm(xv, xs, wv, ws, torch.bfloat16)
+    assert out.shape == (2, 5, 24) and same_values(out, gemm.emulated(xv, xs, wv, ws).bfloat16())
+    (tv, ts) = gemm_operand(x, "tensor")
+    assert same_values(bw.vector_gemm(tv, ts, wv, ws), gemm.emulated(tv, ts, wv, ws))
+    (pa, sa), (pb, sb) = bw.split_vector(xv[0], xs[0]), bw.split_vector(wv, ws)
+    with pytest.raises(ValueError, match=r"a_row_scale must be FP32 \[5\]"):
+        bw.vector_scaled_mm(pa, xs[0], pb, sb)
+    with pytest.raises(TypeError, match="split_vector makes them"):
+        bw.vector_scaled_mm(xv[0], sa, pb, sb)
+    with pytest.raises(ValueError, match="packed bytes per row"):
+        bw.vector_scaled_mm(pa[:, 1:], sa, pb, sb)
+    args = (pa, sa, pb, sb)
+    compiled = torch.compile(lambda *a: torch.ops.fp4compile.vector_scaled_mm(*a), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(*args), torch.ops.fp4compile.vector_scaled_mm(*args), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fp4compile.vector_scaled_mm.default, args)
 
 
 def test_cpu_op_and_compile_match_reference():
@@ -337,6 +446,26 @@ def test_gpu_kernel_matches_reference(format):
         compiled = torch.compile(lambda *a: torch.ops.fp4compile.block_scaled_mm(*a), fullgraph=True)
         again = compiled(qa.packed, qa.scales, qb.packed, qb.scales, qa.tensor_scale, qb.tensor_scale, format)
         torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_vector_kernel_bit_exact_with_emulation():
+    """The vector format on the device kernel (native kind::mxf4 on sm_100, emulated dot_scaled on sm_90)
+    gives gemm.emulated's values (exact partial sums, see the interpreter test), FP32 and BF16 output, eager
+    and compiled."""
+    device = torch.device("cuda")
+    if bw.kernel_reason(device, "vector"):
+        pytest.skip(bw.kernel_reason(device, "vector"))
+    gen = torch.Generator(device).manual_seed(6)
+    for m, n, k in [(128, 128, 256), (1, 300, 512), (333, 77, 70), (1000, 257, 45), (4096, 4096, 4096)]:
+        xv, xs, wv, ws = _vector_operands(m, n, k, gen, device)
+        for dtype in (torch.float32, torch.bfloat16):
+            out = bw.vector_gemm(xv, xs, wv, ws, dtype)
+            want = gemm.emulated(xv, xs, wv, ws).to(dtype)
+            assert same_values(out, want), (m, n, k, dtype)
+        (pa, sa), (pb, sb) = bw.split_vector(xv, xs), bw.split_vector(wv, ws)
+        compiled = torch.compile(lambda *a: torch.ops.fp4compile.vector_scaled_mm(*a), fullgraph=True)
+        assert bits_equal(compiled(pa, sa, pb, sb), bw.vector_scaled_mm(pa, sa, pb, sb), False)  # same kernel
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,6 +17,11 @@ On sm_100 Triton lowers the kernel's ``tl.dot_scaled`` to ``tcgen05.mma ... kind
 machine (the triton wheel carries ptxas). On Hopper Triton emulates ``dot_scaled`` (upcast to bf16,
 exact for these values), on CPU the op decodes and multiplies in FP32 (:func:`reference_mm`).
 
+The "vector" format (E2M1 values, one FP32 scale per row along K) runs on the same kernel and the same
+native MMA (:func:`vector_scaled_mm`): its codes with every E8M0 block scale 2^0 give the plain dot
+products, and the FP32 row scales of A and B multiply the accumulator in the epilogue, as rowwise
+``_scaled_mm`` does on Hopper.
+
 The same NT kernel serves the forward and both backward GEMMs: each operand is quantized along that
 GEMM's reduction dim (Y = X W^T: X and W along K; dX = dY W: dY along N and W^T along N; dW = dY^T X:
 dY^T and X^T along the tokens), see :func:`block_scaled_matmul`.
@@ -31,7 +36,7 @@ import subprocess
 
 import torch
 
-from fp4compile.runtime import e2m1
+from fp4compile.runtime import e2m1, gemm
 from fp4compile.runtime.formats import get_format
 from fp4compile.runtime.quantize import QuantizedTensor, nvfp4_tensor_scale, poison, quantize
 
@@ -59,6 +64,9 @@ BLOCK_FORMATS = {
     "mxfp4": BlockFormat("mxfp4", 32, torch.uint8, "kind::mxf4"),
     "nvfp4": BlockFormat("nvfp4", 16, torch.float8_e4m3fn, "kind::mxf4nvf4"),
 }
+# "vector" in the GEMM kernel: MXFP4's MMA with unit block scales (made in the kernel, so block_size is the
+# MMA's 32 and not a constraint on K), and FP32 per-row scales of A and B.
+VECTOR = BlockFormat("vector", 32, torch.float32, "kind::mxf4")
 
 # Tiles for sm_100: a 128 x 128 tcgen05 MMA, 256 K-elements (128 packed bytes) per step and 3 stages
 # (A + B tiles are 32 KiB per stage). Small tiles for tests and the interpreter.
@@ -73,8 +81,14 @@ def block_format(format: str) -> BlockFormat:
     except KeyError:
         raise ValueError(
             f"the native FP4 GEMM multiplies block-scaled formats only ({sorted(BLOCK_FORMATS)}), got "
-            f"{format!r}; 'vector' and 'tensor' take the FP8 tensor-core or emulated path"
+            f"{format!r}; 'vector' has its own GEMM (vector_scaled_mm), 'tensor' takes the FP8 tensor-core or "
+            "emulated path"
         ) from None
+
+
+def gemm_format(format: str) -> BlockFormat:
+    """The GEMM kernel's formats: the block formats and "vector"."""
+    return VECTOR if format == "vector" else block_format(format)
 
 
 def _check_k(k: int, fmt: BlockFormat, what: str = "K") -> None:
@@ -174,8 +188,9 @@ if HAS_TRITON:
         a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, a_ts_ptr, b_ts_ptr,
         M, N, K,
         stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-        VEC: tl.constexpr,  # elements of K per scale: 32 (MXFP4) or 16 (NVFP4)
+        VEC: tl.constexpr,  # elements of K per scale: 32 (MXFP4, vector) or 16 (NVFP4)
         HAS_TENSOR_SCALE: tl.constexpr,
+        ROW_SCALES: tl.constexpr,  # vector format: a/b_scale_ptr hold FP32 per-row scales [M] / [N]
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # Grouped tile order: GROUP_M row-tiles share each B column-tile while it is in L2.
@@ -199,17 +214,27 @@ if HAS_TRITON:
         as_rows = a_scale_ptr + offs_m[:, None] * stride_asm
         bs_rows = b_scale_ptr + offs_n[:, None] * stride_bsn
 
+        if ROW_SCALES:
+            # Every block scale 2^0 (E8M0 127), made once here instead of loaded (rows out of range get 0:
+            # their codes are 0 anyway). A None scale would make Triton upcast the codes to a kind::f16 MMA.
+            # Two constant tiles would do on triton 3.9, but 3.6 fails to compile them for sm_100 when equal
+            # shapes let CSE merge them into one tensor-memory buffer; tiles built from the row masks stay
+            # distinct and lower to kind::mxf4 on both (checked AOT).
+            a_s = tl.broadcast_to(tl.where(mask_m, 127, 0).to(tl.uint8), (BLOCK_M, BLOCK_K // VEC))
+            b_s = tl.broadcast_to(tl.where(mask_n, 127, 0).to(tl.uint8), (BLOCK_N, BLOCK_K // VEC))
+
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kb = k0 // 2 + offs_kb
-            ks = k0 // VEC + offs_ks
             in_kb = kb[None, :] < K // 2
-            in_ks = ks[None, :] < K // VEC
             # Out-of-range codes load as 0 (E2M1 zero): the tail of K and ragged M/N add nothing.
             a = tl.load(a_rows + kb[None, :], mask=mask_m & in_kb, other=0)
             b = tl.load(b_rows + kb[None, :], mask=mask_n & in_kb, other=0)
-            a_s = tl.load(as_rows + ks[None, :], mask=mask_m & in_ks, other=0)
-            b_s = tl.load(bs_rows + ks[None, :], mask=mask_n & in_ks, other=0)
+            if not ROW_SCALES:
+                ks = k0 // VEC + offs_ks
+                in_ks = ks[None, :] < K // VEC
+                a_s = tl.load(as_rows + ks[None, :], mask=mask_m & in_ks, other=0)
+                b_s = tl.load(bs_rows + ks[None, :], mask=mask_n & in_ks, other=0)
             if VEC == 16:  # NVFP4: the scale bytes are E4M3 (read as uint8, so that `other` is a plain 0)
                 a_s = a_s.to(tl.float8e4nv, bitcast=True)
                 b_s = b_s.to(tl.float8e4nv, bitcast=True)
@@ -217,6 +242,9 @@ if HAS_TRITON:
 
         if HAS_TENSOR_SCALE:  # NVFP4: both FP32 tensor scales in the epilogue
             acc = acc * (tl.load(a_ts_ptr) * tl.load(b_ts_ptr))
+        if ROW_SCALES:  # vector: (acc * a's row scale) * b's as columns, gemm.emulated's order of roundings
+            acc = acc * tl.load(a_scale_ptr + offs_m * stride_asm, mask=offs_m < M, other=0.0)[:, None]
+            acc = acc * tl.load(b_scale_ptr + offs_n * stride_bsn, mask=offs_n < N, other=0.0)[None, :]
         c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m & (offs_n[None, :] < N))
 
@@ -253,22 +281,25 @@ def _check_operands(a, a_scale, b, b_scale, a_ts, b_ts, fmt: BlockFormat):
 
 def launch(a, a_scale, b, b_scale, a_ts, b_ts, format: str, out: torch.Tensor, kernel=None, **config):
     """Run the Triton kernel into ``out`` [M, N]. ``kernel`` overrides the launched function (e.g. a
-    ``wrap_triton`` wrapper, or an interpreted copy of the kernel for CPU tests)."""
-    fmt = block_format(format)
+    ``wrap_triton`` wrapper, or an interpreted copy of the kernel for CPU tests). For "vector",
+    ``a_scale`` / ``b_scale`` are the FP32 row scales [M] / [N] and the tensor scales None."""
+    fmt = gemm_format(format)
     cfg = {**DEFAULT_CONFIG, **config}
     if cfg["BLOCK_K"] % fmt.block_size or cfg["BLOCK_K"] % 64:
         raise ValueError(f"BLOCK_K must be a multiple of 64 and of the block size {fmt.block_size}")
     M, N, K = a.shape[0], b.shape[0], 2 * a.shape[1]
     kernel = kernel or _block_scaled_gemm_kernel
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    has_ts = fmt.name == "nvfp4"
-    a_ts_arg = a_ts if has_ts else None  # MXFP4: None, specialized away
+    has_ts, rows = fmt.name == "nvfp4", fmt.name == "vector"
+    a_ts_arg = a_ts if has_ts else None  # MXFP4, vector: None, specialized away
     b_ts_arg = b_ts if has_ts else None
+    if not rows:  # the kernel reads block scales as bytes
+        a_scale, b_scale = a_scale.view(torch.uint8), b_scale.view(torch.uint8)
     kernel[grid](
-        a, a_scale.view(torch.uint8), b, b_scale.view(torch.uint8), out, a_ts_arg, b_ts_arg,
+        a, a_scale, b, b_scale, out, a_ts_arg, b_ts_arg,
         M, N, K,
         a.stride(0), a_scale.stride(0), b.stride(0), b_scale.stride(0), out.stride(0),
-        VEC=fmt.block_size, HAS_TENSOR_SCALE=has_ts,
+        VEC=fmt.block_size, HAS_TENSOR_SCALE=has_ts, ROW_SCALES=rows,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -294,7 +325,7 @@ def kernel_reason(device: torch.device, format: str) -> str | None:
     lower it to native FP4 MMAs (checked AOT); on sm_90 Triton emulates dot_scaled (NVFP4 there needs
     triton >= 3.8: 3.6 and 3.7 fail to compile E4M3-scaled dot_scaled for sm_90). Elsewhere the op
     decodes and multiplies in FP32 (:func:`reference_mm`)."""
-    fmt = block_format(format)
+    fmt = gemm_format(format)
     if not HAS_TRITON:
         return "triton is not installed"
     if device.type != "cuda":
@@ -361,6 +392,90 @@ def block_scaled_matmul(x: torch.Tensor, w: torch.Tensor, format: str, out_dtype
     out = block_scaled_mm(qa.packed, qa.scales, qb.packed, qb.scales, qa.tensor_scale, qb.tensor_scale,
                           fmt.name, out_dtype)
     return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The vector format on the same kernel: unit block scales, FP32 row scales in the epilogue
+# ---------------------------------------------------------------------------------------------------------
+
+
+def split_vector(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector format's GEMM operand (``gemm_operand(x, "vector")``: E2M1 values [..., K] in float8_e4m3fn,
+    or any float dtype, and FP32 row scales [..., 1]; a 0-d scale is used for every row) in the kernel's
+    layout: (packed codes uint8 [R, ceil(K/2)], FP32 row scales [R]), R the product of the leading dims.
+    An odd K gets one zero code appended, which adds nothing. A row holding a NaN (or inf) gets a NaN scale,
+    so that it stays poisoned as in the emulation (the quantizer already gives such rows a NaN scale).
+    Finite values off the E2M1 grid give a wrong result, unchecked: the check would cost a host sync."""
+    v = values.reshape(-1, values.shape[-1]).float()
+    s = scale.float().broadcast_to((*values.shape[:-1], 1)).reshape(-1)
+    if v.shape[-1]:
+        s = poison(s, v.abs().amax(-1))
+    codes = e2m1.encode_e2m1(torch.where(v.isfinite(), v, 0.0))
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return e2m1.pack_e2m1(codes), s
+
+
+def _check_vector_operands(a, a_row_scale, b, b_row_scale):
+    for name, t in (("a", a), ("b", b)):
+        if t.dim() != 2 or t.dtype != torch.uint8:
+            raise TypeError(f"{name} must be packed E2M1 codes, uint8 [rows, ceil(K/2)] (split_vector makes them), "
+                            f"got {t.dtype} {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along K")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a holds {a.shape[1]} packed bytes per row but b holds {b.shape[1]}")
+    for name, t, rows in (("a_row_scale", a_row_scale, a.shape[0]), ("b_row_scale", b_row_scale, b.shape[0])):
+        if t.dtype != torch.float32 or tuple(t.shape) != (rows,):
+            raise ValueError(f"{name} must be FP32 [{rows}] (one scale per row), got {t.dtype} {tuple(t.shape)}")
+
+
+def vector_reference_mm(a, a_row_scale, b, b_row_scale, out_dtype=torch.float32) -> torch.Tensor:
+    """What the kernel computes for "vector" (any device): ``gemm.emulated`` of the decoded codes, i.e. an
+    FP32 GEMM, then A's row scales and B's as columns."""
+    av, bv = (e2m1.decode_e2m1(e2m1.unpack_e2m1(t)) for t in (a, b))
+    return gemm.emulated(av, a_row_scale[:, None], bv, b_row_scale[:, None]).to(out_dtype)
+
+
+def _vector_scaled_mm_impl(a, a_row_scale, b, b_row_scale, out_dtype):
+    _check_vector_operands(a, a_row_scale, b, b_row_scale)
+    if kernel_reason(a.device, "vector") is not None or a.shape[1] == 0:
+        return vector_reference_mm(a, a_row_scale, b, b_row_scale, out_dtype)
+    out = torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    return launch(a, a_row_scale, b, b_row_scale, None, None, "vector", out,
+                  kernel=torch.library.wrap_triton(_block_scaled_gemm_kernel))
+
+
+if HAS_TRITON:
+
+    @torch.library.triton_op("fp4compile::vector_scaled_mm", mutates_args=())
+    def vector_scaled_mm(
+        a: torch.Tensor,
+        a_row_scale: torch.Tensor,
+        b: torch.Tensor,
+        b_row_scale: torch.Tensor,
+        out_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """(A @ B^T) * a_row_scale[:, None] * b_row_scale[None, :] for packed E2M1 codes A [M, K/2], B [N, K/2]
+        (the vector format; :func:`split_vector` makes them), FP32 accumulation, rounded once to out_dtype."""
+        return _vector_scaled_mm_impl(a, a_row_scale, b, b_row_scale, out_dtype)
+
+else:
+
+    def vector_scaled_mm(a, a_row_scale, b, b_row_scale, out_dtype=torch.float32):
+        """(A @ B^T) * a_row_scale[:, None] * b_row_scale[None, :] (no triton: the FP32 emulation)."""
+        return _vector_scaled_mm_impl(a, a_row_scale, b, b_row_scale, out_dtype)
+
+
+def vector_gemm(a, a_scale, b, b_scale, out_dtype=torch.float32) -> torch.Tensor:
+    """``gemm.scaled_gemm`` for vector-format operands (values and row scales as ``gemm_operand`` returns
+    them) with a 2-D ``b``, on the native kernel: [..., M, K] x [N, K] -> [..., M, N]."""
+    if b.dim() != 2 or a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"vector_gemm takes a [..., M, K] and b [N, K], got {tuple(a.shape)} x {tuple(b.shape)}")
+    (pa, sa), (pb, sb) = split_vector(a, a_scale), split_vector(b, b_scale)
+    return vector_scaled_mm(pa, sa, pb, sb, out_dtype).reshape(*a.shape[:-1], b.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -536,7 +651,10 @@ def compilable_targets() -> tuple[int, ...]:
     return tuple(sorted(known))
 
 
-KERNELS = ("gemm", "quantize")
+# The formats each kernel takes: the quantize kernel writes block formats; the vector format's codes come
+# from split_vector.
+KERNEL_FORMATS = {"gemm": ("mxfp4", "nvfp4", "vector"), "quantize": ("mxfp4", "nvfp4")}
+KERNELS = tuple(KERNEL_FORMATS)
 
 
 def _gemm_source(fmt: BlockFormat, cfg: dict):
@@ -544,19 +662,22 @@ def _gemm_source(fmt: BlockFormat, cfg: dict):
     if cfg["BLOCK_K"] % fmt.block_size or cfg["BLOCK_K"] % 64:
         raise ValueError(f"BLOCK_K must be a multiple of 64 and of the block size {fmt.block_size}, "
                          f"got {cfg['BLOCK_K']}")
+    scale = "*fp32" if fmt.name == "vector" else "*u8"  # FP32 row scales, or block scale bytes
     signature = {
-        "a_ptr": "*u8", "a_scale_ptr": "*u8", "b_ptr": "*u8", "b_scale_ptr": "*u8",
+        "a_ptr": "*u8", "a_scale_ptr": scale, "b_ptr": "*u8", "b_scale_ptr": scale,
         "c_ptr": "*fp32", "a_ts_ptr": "*fp32", "b_ts_ptr": "*fp32",
         "M": "i32", "N": "i32", "K": "i32",
         "stride_am": "i32", "stride_asm": "i32", "stride_bn": "i32", "stride_bsn": "i32", "stride_cm": "i32",
     }
-    constexprs = {"VEC": fmt.block_size, "HAS_TENSOR_SCALE": fmt.name == "nvfp4",
+    constexprs = {"VEC": fmt.block_size, "HAS_TENSOR_SCALE": fmt.name == "nvfp4", "ROW_SCALES": fmt.name == "vector",
                   **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
-    if fmt.name == "mxfp4":  # launched with None tensor scales, which Triton specializes as constants
+    if fmt.name != "nvfp4":  # launched with None tensor scales, which Triton specializes as constants
         constexprs.update(a_ts_ptr=None, b_ts_ptr=None)
     # What the JIT infers for 16-byte aligned pointers and strides/K divisible by 16 (the common case).
     aligned = ("a_ptr", "a_scale_ptr", "b_ptr", "b_scale_ptr", "c_ptr", "K", "stride_am", "stride_asm", "stride_bn",
                "stride_bsn", "stride_cm")
+    if fmt.name == "vector":  # the row scales' strides are 1
+        aligned = tuple(name for name in aligned if name not in ("stride_asm", "stride_bsn"))
     return fn, signature, constexprs, aligned
 
 
@@ -575,9 +696,9 @@ def _quantize_source(fmt: BlockFormat, cfg: dict):
 
 
 def compile_for(target: str | int = "sm_100", format: str = "mxfp4", kernel: str = "gemm", **config) -> AOTResult:
-    """Compile a kernel ("gemm" or "quantize") for ``target`` ahead of time (no GPU needed) and inspect
-    its PTX. ``config`` overrides the tile sizes (DEFAULT_CONFIG for the GEMM; BLOCK_R, BLOCK_K and the
-    input dtype ``in_dtype`` ("bf16", "fp32") for the quantizer).
+    """Compile a kernel ("gemm" or "quantize", see KERNEL_FORMATS) for ``target`` ahead of time (no GPU
+    needed) and inspect its PTX. ``config`` overrides the tile sizes (DEFAULT_CONFIG for the GEMM; BLOCK_R,
+    BLOCK_K and the input dtype ``in_dtype`` ("bf16", "fp32") for the quantizer).
 
     Uses ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))``.
     """
@@ -586,10 +707,13 @@ def compile_for(target: str | int = "sm_100", format: str = "mxfp4", kernel: str
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fmt = block_format(format)
     cc = parse_target(target)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    get_format(format)  # unknown names: the same error as everywhere else
+    if format not in KERNEL_FORMATS[kernel]:
+        raise ValueError(f"the {kernel} kernel takes the formats {KERNEL_FORMATS[kernel]}, got {format!r}")
+    fmt = gemm_format(format)
     cfg = {**DEFAULT_CONFIG, **config} if kernel == "gemm" else dict(config)
     fn, signature, constexprs, aligned = (_gemm_source if kernel == "gemm" else _quantize_source)(fmt, cfg)
     signature.update({k: "constexpr" for k in constexprs})
