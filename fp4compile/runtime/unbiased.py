@@ -44,8 +44,8 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, 
     """x (times the scalar ``x_scale``) rotated along its last dim (``signs`` None: not rotated) and
     quantized to NVFP4 (``rounding``: "nearest", "stochastic" or "eden"), as (values x block scales in BF16,
     tensor scale): one fused Triton pass on CUDA, the reference elsewhere. Leading dims share the tensor
-    scale, so they are flattened."""
-    if x.is_cuda and rq.HAS_TRITON:
+    scale, so they are flattened. An empty x (no tokens) takes the reference: no launch of an empty grid."""
+    if x.is_cuda and rq.HAS_TRITON and x.numel():
         values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding, x_scale=x_scale)
         return values.reshape(x.shape), tensor_scale
     return rq.reference(x, signs, rounding, x_scale=x_scale)
