@@ -1,13 +1,19 @@
 """Inputs at the edges: batches without tokens, non-finite activations under OCC, and dims the unbiased
 recipes cannot rotate. Each behaves like eager (or fails with an error naming the fix)."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fp4compile
 from fp4compile import FP4Config
 from fp4compile.runtime.fp8 import quantize_fp8_rows
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
+from fp4compile.runtime.occ import occ_thresholds, sample_index
 
 EMPTY_CONFIGS = {
     "paper": FP4Config(),
@@ -72,3 +78,86 @@ def test_eager_fp4_matmul_without_tokens(name):
 def test_fp8_rows_of_no_entries_have_zero_scale():
     data, scale = quantize_fp8_rows(torch.randn(5, 0), torch.float8_e5m2)
     assert data.shape == (5, 0) and torch.equal(scale, torch.zeros(5, 1))
+
+
+# --- OCC with non-finite activations ---------------------------------------------------------------------
+
+
+def ref_finite_thresholds(values: torch.Tensor, q: float) -> tuple[float, float]:
+    """runtime/occ.py's definition, from the sorted finite entries: with k = ceil(q n) over all n and c
+    non-finite, the (k - c)-th smallest and largest finite entries; (-inf, inf) where they cross."""
+    n = values.numel()
+    finite = sorted(values[values.isfinite()].tolist())
+    k = -(-Fraction(q).limit_denominator(1 << 20) * n // 1)
+    r = int(k) - (n - len(finite))
+    if r < 1 or finite[len(finite) - r] > finite[r - 1]:
+        return -math.inf, math.inf
+    return finite[len(finite) - r], finite[r - 1]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 2000),
+    bad=st.lists(st.sampled_from([math.nan, math.inf, -math.inf]), max_size=30),
+    q=st.sampled_from([0.99, 0.9, 0.75, 0.51, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_occ_thresholds_count_non_finite_entries_out(n, bad, q, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))).to(dtype)
+    where = torch.randperm(n, generator=g)[: len(bad)]
+    x[where] = torch.tensor(bad[: where.numel()], dtype=dtype)
+    lower, upper = occ_thresholds(x, q)
+    assert (lower.item(), upper.item()) == ref_finite_thresholds(x, q)  # c = 0: the plain nearest rank
+
+
+def test_occ_sampled_thresholds_count_non_finite_entries_out():
+    x = torch.randn(256, 1024)
+    m = 4096
+    picked = sample_index(x.numel(), m)
+    flat = x.view(-1)
+    flat[picked[:5]] = math.nan  # in the sample
+    flat[picked[5:7]] = math.inf
+    flat[picked[0] + 1] = -math.inf  # not in the sample: no effect
+    lower, upper = occ_thresholds(x, 0.99, sample=m)
+    assert (lower.item(), upper.item()) == ref_finite_thresholds(flat[picked], 0.99)
+    assert math.isfinite(lower.item()) and math.isfinite(upper.item())
+
+
+def _tied_activation():
+    """Integers in [-4, 4] with 8 outliers: both thresholds fall inside a run of ~200 ties (+-4), so
+    counting a few entries out of the ranks leaves them where they were and rows can be compared bit for
+    bit with a clean run; the outliers are clamped and compensated."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (64, 32), generator=g).float()
+    x.view(-1)[torch.randperm(x.numel(), generator=g)[:8]] = torch.tensor([30.0, -25, 17, -40, 22, -19, 50, -33])
+    return x
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("cols, compiled", [(slice(5, 6), False), (slice(None), False), (slice(None), True)])
+def test_a_non_finite_token_poisons_only_its_own_row(bad, cols, compiled):
+    """With OCC on (the default recipe), a NaN or inf in token t (one entry, or the whole token, as a
+    layer that overflowed gives): row t of the output is not finite, every other row is finite and
+    bit-equal to the run with those entries set to 0 (the thresholds, asserted equal here, are unchanged by
+    the tied data; in general they move by the c ranks counted out)."""
+    x, t = _tied_activation(), 9
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(1))
+    poisoned = x.clone()
+    poisoned[t, cols] = bad
+    clean = x.clone()
+    clean[t, cols] = 0.0
+    assert torch.equal(torch.stack(occ_thresholds(poisoned, 0.99)), torch.stack(occ_thresholds(clean, 0.99)))
+    assert occ_thresholds(clean, 0.99)[1].item() == 4.0  # and the outliers are clamped
+    fn = lambda a: fp4_matmul_nt(a, w, None, MatmulSpec(FP4Config()))  # noqa: E731
+    if compiled:
+        linear = torch.nn.Linear(32, 48, bias=False)
+        linear.weight.data.copy_(w)
+        torch._dynamo.reset()
+        fn = torch.compile(linear, backend="fp4")
+    got, want = fn(poisoned), fn(clean)
+    others = torch.arange(64) != t
+    assert not got[t].isfinite().all()
+    assert got[others].isfinite().all()
+    assert torch.equal(got[others], want[others])
