@@ -161,3 +161,63 @@ def test_a_non_finite_token_poisons_only_its_own_row(bad, cols, compiled):
     assert not got[t].isfinite().all()
     assert got[others].isfinite().all()
     assert torch.equal(got[others], want[others])
+
+
+# --- dims the unbiased recipes cannot rotate --------------------------------------------------------------
+
+
+class _Attention(torch.nn.Module):
+    """q_proj's 128 output features divide quartet2's Hadamard group of 128; k_proj's and v_proj's 32 do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(128, n) for n in (128, 32, 32))
+
+    def forward(self, x):
+        return self.q_proj(x).sum(-1) + self.k_proj(x).sum(-1) + self.v_proj(x).sum(-1)
+
+
+def _compiled(recipe, **kwargs):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = FP4Config.from_recipe_name(recipe)
+    return torch.compile(torch.nn.Sequential(_Attention()), backend=fp4compile.backend(config, inner="aot_eager"),
+                         **kwargs)
+
+
+def test_quartet2_names_each_module_whose_output_features_break_dx():
+    """dX reduces over N, the output features: the error names k_proj and v_proj at compile time, the GEMM,
+    the dim and its multiple, and a fix that is not the batch."""
+    x = torch.randn(2, 64, 128, requires_grad=True)
+    with pytest.raises(Exception) as info:
+        _compiled("quartet2")(x).sum().backward()
+    text = str(info.value)
+    for module in ("0.k_proj", "0.v_proj"):
+        expected = f"module {module!r}: backward='quartet2' quantizes dX = dY @ W along N = 32 (the output features)"
+        assert expected in text
+    assert "0.q_proj" not in text and "multiple of 128" in text and "hadamard_group=32" in text
+    assert "batch" not in text
+
+
+def test_no_error_for_a_gradient_gemm_that_does_not_run():
+    """The input needs no gradient: no dX GEMM, so the 32 output features are fine."""
+    _compiled("quartet2")(torch.randn(2, 64, 128)).sum().backward()
+
+
+def test_dynamic_token_count_must_stay_a_multiple():
+    compiled = _compiled("nvidia_nvfp4", dynamic=True)
+    compiled(torch.randn(2, 64, 128)).sum().backward()
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(2, 36, 128)).sum().backward()
+    text = str(info.value)
+    assert "module '0.q_proj': backward='nvidia' quantizes dW = dY^T @ X along M = 72 (the tokens)" in text
+    assert "must stay a multiple of 16 at every step" in text and "pad the batch" in text
+
+
+@pytest.mark.parametrize("recipe, m, n, gemm", [("quartet2", 48, 128, "dW"), ("quartet2", 128, 64, "dX"),
+                                                ("nvidia_nvfp4", 128, 24, "weight tiles")])
+def test_runtime_check_names_the_module(recipe, m, n, gemm):
+    spec = MatmulSpec(FP4Config.from_recipe_name(recipe), name="layers.0.mlp.up_proj")
+    x, w = torch.randn(m, 128, requires_grad=True), torch.randn(n, 128, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"module 'layers.0.mlp.up_proj': .*{gemm}"):
+        fp4_matmul_nt(x, w, None, spec)

@@ -22,12 +22,14 @@ from fp4compile.runtime.quantize import gemm_operand, scaled_domain
 
 @dataclass(frozen=True)
 class MatmulSpec:
-    """What one matmul site needs beyond its tensors: the config and which operands are weights."""
+    """What one matmul site needs beyond its tensors: the config, which operands are weights, and the
+    module it was called from (its FQN, for error messages; None outside any module or when unknown)."""
 
     config: FP4Config
     a_is_weight: bool = False
     b_is_weight: bool = True
     out_dtype: torch.dtype | None = None
+    name: str | None = None
 
 
 def _activation_operand(x, format: str):
