@@ -43,6 +43,10 @@ def dim_problems(config, name: str | None, m, n, k, *, tiled: bool, need_dx: boo
     (Hadamard groups). ``tiled``: W is a 2-D weight quantized in 16x16 tiles, so N needs 16 too.
     ``tokens_vary``: M is a dynamic size, checked at this trace's value, so every step's M must divide."""
     recipe, group = config.backward, config.hadamard_group
+    dx_multiple = 16 if recipe == "nvidia" else group
+    checks = ((True, k, 16), (tiled, n, 16), (need_dx, n, dx_multiple), (need_dw, m, group))
+    if not any(needed and size % multiple for needed, size, multiple in checks):  # the only guards it adds
+        return []
     rotated = f"Hadamard groups of {group}"
 
     def smaller(size):
@@ -50,8 +54,8 @@ def dim_problems(config, name: str | None, m, n, k, *, tiled: bool, need_dx: boo
         return f", or set hadamard_group={fits[-1]}" if fits else ""
 
     features = "pad the output features to a multiple of {}"
-    dx = (16, "NVFP4 blocks of 16 (dY rounded stochastically)", features.format(16)) if recipe == "nvidia" else (
-        group, rotated, features.format(group) + smaller(n))
+    dx = ("NVFP4 blocks of 16 (dY rounded stochastically)", features.format(16)) if recipe == "nvidia" else (
+        rotated, features.format(group) + smaller(n))
     tokens = f"pad the batch so that its tokens (batch x sequence) are a multiple of {group}{smaller(m)}"
     if tokens_vary:
         tokens += f"; the token count is dynamic and must stay a multiple of {group} at every step"
@@ -60,7 +64,7 @@ def dim_problems(config, name: str | None, m, n, k, *, tiled: bool, need_dx: boo
          "pad the input features to a multiple of 16"),
         (tiled, "the forward's weight tiles", f"N = {n} (the output features)", n, 16, "16x16 tiles",
          features.format(16)),
-        (need_dx, "dX = dY @ W", f"N = {n} (the output features)", n, *dx),
+        (need_dx, "dX = dY @ W", f"N = {n} (the output features)", n, dx_multiple, *dx),
         (need_dw, "dW = dY^T @ X", f"M = {m} (the tokens)", m, group, rotated, tokens),
     ]
     where = f"module {name!r}" if name else "a matmul outside any named module"
