@@ -54,7 +54,8 @@ def _device() -> tuple[str, tuple[int, int] | None, str]:
 def _print_dispatch(device_type, capability, label, out):
     print(f"GEMM path per format on {label} (asked for M, N, K = {PLAN_SHAPE}):", file=out)
     for name in FORMATS:
-        path, note = gemm.plan(device_type, capability, name, *PLAN_SHAPE)
+        m, n, k = PLAN_SHAPE
+        path, note = gemm.plan(device_type, capability, name, (m, k), (n, k))
         print(f"  {name:<7} -> {path}" + (f"   [{note}]" if note else ""), file=out)
 
 

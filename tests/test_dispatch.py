@@ -9,6 +9,7 @@ import torch
 import fp4compile
 from fp4compile import FP4Config
 from fp4compile.runtime import gemm
+from fp4compile.runtime.formats import get_format
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 from fp4compile.runtime.quantize import fake_quantize, gemm_operand
 
@@ -26,7 +27,7 @@ from fp4compile.runtime.quantize import fake_quantize, gemm_operand
 )
 def test_plan_per_device_and_format(capability, format, path):
     device = "cuda" if capability else "cpu"
-    assert gemm.plan(device, capability, format, 4096, 4096, 4096)[0] == path
+    assert gemm.plan(device, capability, format, (4096, 4096), (4096, 4096))[0] == path
 
 
 def test_mxfp4_fold_is_exact_within_fourteen_binades():
@@ -70,9 +71,9 @@ def test_native_block_forward_wiring(monkeypatch, format):
 
     def forced(a, b, fmt, out_dtype):
         calls.append(fmt)
-        monkeypatch.setattr(gemm, "native_block_reason", lambda *args: None)
         return real(a, b, fmt, out_dtype)
 
+    monkeypatch.setattr(gemm, "native_block_reason", lambda *args: None)
     monkeypatch.setattr("fp4compile.runtime.matmul.native_block_gemm", forced)
     got = fp4_matmul_nt(x, w, None, spec)
     assert calls == [format]
@@ -86,3 +87,100 @@ def test_report_records_each_sites_gemm_path(tmp_path):
     (report,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/report.json")]
     gemms = [site["gemm"] for site in report["sites"]]
     assert gemms == [{"path": "emulated", "reason": "device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)"}] * 2
+
+
+# --- one source of truth: the path gemm.plan gives is the path the runtime takes, and the one reported ----
+
+CAPABILITIES = [None, (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (11, 0), (12, 0)]
+SHAPES = {  # the forward GEMM's A [..., M, K] and B [..., N, K]
+    "2-D": ((40, 64), (48, 64)),
+    "batched": ((3, 40, 64), (3, 48, 64)),
+    "batched twice": ((2, 3, 8, 64), (2, 3, 16, 64)),
+    "broadcast B": ((40, 64), (3, 48, 64)),
+    "N=40": ((40, 64), (40, 64)),
+    "K=40": ((40, 40), (48, 40)),
+    "no tokens": ((0, 64), (48, 64)),
+}
+CASES = [(cap, fmt, shape) for cap in CAPABILITIES for fmt in ("vector", "tensor", "mxfp4", "nvfp4")
+         for shape in SHAPES if SHAPES[shape][0][-1] % (get_format(fmt).block_size or 1) == 0]
+
+
+@pytest.fixture
+def executed(monkeypatch):
+    """Every path's GEMM replaced by a recorder of its name that computes as the CPU does (the emulation, or
+    the native op's FP32 decode): the list of paths that ran."""
+    from fp4compile.runtime.kernels import blackwell
+
+    ran = []
+    for path in gemm.SCALED_GEMMS:
+        monkeypatch.setitem(gemm.SCALED_GEMMS, path, lambda a, sa, b, sb, dtype, path=path: ran.append(path)
+                            or gemm.emulated(a, sa, b, sb).to(dtype))
+    real = blackwell.block_scaled_mm
+    monkeypatch.setattr(blackwell, "block_scaled_mm", lambda *args: ran.append("blackwell_fp4") or real(*args))
+    return ran
+
+
+def _on(monkeypatch, capability):
+    """Make every tensor look as if it sat on a CUDA device of ``capability`` (None: the CPU)."""
+    monkeypatch.setattr(gemm, "device_of", lambda t: ("cuda", capability) if capability else ("cpu", None))
+    return "cuda" if capability else "cpu"
+
+
+@pytest.mark.parametrize("capability, format, shape", CASES)
+def test_the_forward_runs_the_path_plan_gives(monkeypatch, executed, capability, format, shape):
+    a_shape, b_shape = SHAPES[shape]
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    spec = MatmulSpec(FP4Config(format=format, occ=False), b_is_weight=False)
+    expected = fp4_matmul_nt(a, b, None, spec)  # on the CPU
+    executed.clear()
+    device = _on(monkeypatch, capability)
+    got = fp4_matmul_nt(a, b, None, spec)
+    assert executed == [gemm.plan(device, capability, format, a_shape, b_shape)[0]]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # same numerics on every path
+
+
+def test_sm120_and_sm110_take_no_native_fp4_path():
+    """The kernel is built for sm_10x only (blackwell.NATIVE_MAJORS): elsewhere FP8 tensor cores."""
+    for capability in [(11, 0), (12, 0)]:
+        assert gemm.plan("cuda", capability, "mxfp4", (64, 64), (64, 64))[0] == "hopper_fp8"
+        assert gemm.plan("cuda", capability, "nvfp4", (64, 64), (64, 64))[0] == "bf16_exact"
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("b_shape", [(48, 64), (3, 48, 64)])
+def test_nvfp4_gemm_runs_the_path_plan_gives(monkeypatch, executed, capability, b_shape):
+    """The unbiased recipes' NVFP4 GEMMs: operands given as values in BF16 and tensor scales."""
+    (va, sa), (vb, sb) = gemm_operand(torch.randn(3, 40, 64), "nvfp4"), gemm_operand(torch.randn(b_shape), "nvfp4")
+    expected = gemm.nvfp4_gemm(va, sa, vb, sb)
+    executed.clear()
+    device = _on(monkeypatch, capability)
+    got = gemm.nvfp4_gemm(va, sa, vb, sb)
+    assert executed == [gemm.plan(device, capability, "nvfp4", va.shape, vb.shape)[0]]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 48)
+
+    def forward(self, x):
+        h = self.proj(x)  # [2, 40, 48]: a linear
+        return torch.bmm(h, h.mT)  # batched activations
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("format", ["vector", "nvfp4"])
+def test_report_gives_the_path_that_runs(monkeypatch, executed, tmp_path, capability, format):
+    device = _on(monkeypatch, capability)
+    config = FP4Config(format=format, quantize_activation_matmuls=True, occ=False, dump_dir=str(tmp_path))
+    torch._dynamo.reset()
+    compiled = torch.compile(_Block(), backend=fp4compile.backend(config, inner="aot_eager"))
+    with torch.no_grad():  # the forward only, traced once: the recorders run at trace time
+        compiled(torch.randn(2, 40, 64))
+    (report,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/report.json")]
+    want = [gemm.plan(device, capability, format, (80, 64), (48, 64)),
+            gemm.plan(device, capability, format, (2, 40, 48), (2, 40, 48))]
+    assert [(s["gemm"]["path"], s["gemm"]["reason"]) for s in report["sites"]] == want
+    paths = [path for path, _ in want]
+    assert executed and executed == paths * (len(executed) // 2)  # each trace ran both sites' paths

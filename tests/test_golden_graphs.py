@@ -114,7 +114,7 @@ matmul    matmul  None    [2, 2, 8, 16] x [2, 2, 16, 8]  -       skipped  -     
 y         einsum  None    [2, 2, 8, 8] x [2, 2, 8, 16]   -       skipped  -         activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
 bmm       bmm     None    [4, 8, 16] x [4, 16, 8]        -       skipped  -         activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
 y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       skipped  -         activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it
-matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4      emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)""")
+matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
 
     def test_attention_block_with_activation_matmuls(self):
         config = FP4Config(quantize_activation_matmuls=True)
@@ -148,11 +148,11 @@ return (transpose_4,)""")
 fp4compile graph_0_0: 6 fp4, 0 skipped
 node      op      module  shapes                         weight  status  gemm      reason
 linear    linear  qkv     [2, 8, 32] x [96, 32]          B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
-matmul    matmul  None    [2, 2, 8, 16] x [2, 2, 16, 8]  -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
-y         einsum  None    [2, 2, 8, 8] x [2, 2, 8, 16]   -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
-bmm       bmm     None    [4, 8, 16] x [4, 16, 8]        -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
-y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)
-matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4     emulated  a batched right operand (torch._scaled_mm takes 2-D matrices)""")
+matmul    matmul  None    [2, 2, 8, 16] x [2, 2, 16, 8]  -       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+y         einsum  None    [2, 2, 8, 8] x [2, 2, 8, 16]   -       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+bmm       bmm     None    [4, 8, 16] x [4, 16, 8]        -       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
+matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
 
     def test_gpt2_conv1d(self):
         report, code = rewritten(GPT2MLP(), torch.randn(2, 8, 32))

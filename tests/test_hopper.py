@@ -37,7 +37,8 @@ needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA GPU with FP8 te
     ],
 )
 def test_plan(device, capability, format, mnk, path, reason):
-    got, why = gemm.plan(device, capability, format, *mnk)
+    m, n, k = mnk
+    got, why = gemm.plan(device, capability, format, (m, k), (n, k))
     assert got == path
     assert why == reason if reason is None else why.startswith(reason), why
 

@@ -118,7 +118,7 @@ def test_native_block_scaled_wiring(monkeypatch, recipe, b_is_weight):
     expected = run()
     calls = []
     real = blackwell.block_scaled_mm
-    monkeypatch.setattr(gemm, "native_block_reason", lambda *args: None)
+    monkeypatch.setattr(gemm, "native_block_reason", lambda device, cap, fmt: None if fmt == "nvfp4" else "not FP4")
     monkeypatch.setattr(blackwell, "block_scaled_mm", lambda *args, **kw: calls.append(args[6]) or real(*args, **kw))
     got = run()
     native = 3 if b_is_weight or recipe == "quartet2" else 2

@@ -10,6 +10,7 @@ import torch.fx as fx
 from fp4compile.config import FP4Config
 from fp4compile.passes import names
 from fp4compile.passes.find_sites import Site, clean_fqn, example
+from fp4compile.runtime import unbiased
 from fp4compile.runtime.formats import get_format
 
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "type"}
@@ -91,6 +92,31 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
     return None
 
 
+def _value(size) -> int:
+    """A size's value in this trace, without a guard (a symbolic size's hint)."""
+    return size.node.hint if isinstance(size, torch.SymInt) else int(size)
+
+
+def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
+    """The unbiased recipes quantize each GEMM along its reduction dim (forward: K; dX: N; dW: the tokens
+    M) in blocks or Hadamard groups: raise one error naming every module whose dims do not divide, at
+    compile time, where the shapes are known (runtime/unbiased.py keeps the same check as a backstop)."""
+    if config.backward == "fp8":
+        return
+    problems = []
+    for site in sites:
+        if site.status != "fp4" or site.op == "einsum":  # einsum's dims: the runtime check names them
+            continue
+        a, b = (example(n) for n in site.operands)
+        n = b.shape[0] if site.op == "linear" else b.shape[-1]
+        m = a.shape[-2] if b.dim() > 2 else a.numel() // max(_value(a.shape[-1]), 1)
+        problems += unbiased.dim_problems(
+            config, site.module, _value(m), _value(n), _value(a.shape[-1]), tiled=site.weights[1] is not None
+            and b.dim() == 2, need_dx=a.requires_grad, need_dw=b.requires_grad, tokens_vary=isinstance(m, torch.SymInt))
+    if problems:
+        raise ValueError("fp4compile cannot apply this recipe to every selected matmul:\n" + "\n".join(problems))
+
+
 def classify(sites: list[Site], params: dict[fx.Node, str], config: FP4Config) -> None:
     for site in sites:
         if site.status != "fp4":
@@ -99,3 +125,4 @@ def classify(sites: list[Site], params: dict[fx.Node, str], config: FP4Config) -
         reason = _skip_reason(site, config)
         if reason:
             site.skip(reason)
+    check_unbiased_dims(sites, config)

@@ -17,7 +17,8 @@ from torch._logging import trace_structured
 from fp4compile.config import FP4Config
 from fp4compile.passes.find_sites import Site, example
 from fp4compile.passes.names import root_label
-from fp4compile.runtime.gemm import plan
+from fp4compile.runtime import gemm
+from fp4compile.runtime.ops import parse_einsum
 
 log = logging.getLogger("fp4compile")
 _counter = itertools.count()
@@ -52,17 +53,34 @@ def _hint(s) -> int:
     return s.node.hint if isinstance(s, torch.SymInt) else int(s)
 
 
+def _prod(sizes) -> int:
+    out = 1
+    for s in sizes:
+        out *= _hint(s)
+    return out
+
+
+def gemm_shapes(site: Site, a: torch.Tensor, b: torch.Tensor) -> tuple[tuple, tuple]:
+    """The forward GEMM's A [..., M, K] and B [..., N, K] as the site's twin (runtime/ops.py) forms them."""
+    if site.op == "einsum":
+        batch, a_free, b_free, contracted, _ = parse_einsum(site.node.args[0])
+        a_terms, b_terms = site.node.args[0].replace(" ", "").partition("->")[0].split(",")
+        size = {c: a.shape[a_terms.index(c)] for c in a_terms} | {c: b.shape[b_terms.index(c)] for c in b_terms}
+        lead, k = tuple(_hint(size[c]) for c in batch), _prod(size[c] for c in contracted)
+        return (*lead, _prod(size[c] for c in a_free), k), (*lead, _prod(size[c] for c in b_free), k)
+    k = _hint(a.shape[-1])
+    n = b.shape[0] if site.op == "linear" else b.shape[-1]
+    if b.dim() == 2:  # linear, or a weight-like right operand: A's leading dims flattened into M
+        return (_prod(a.shape) // max(k, 1), k), (_hint(n), k)
+    return tuple(_hint(s) for s in a.shape), (*(_hint(s) for s in b.shape[:-2]), _hint(n), k)
+
+
 def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
     """The forward GEMM's path (gemm.plan) on the device the graph is compiled for, None if not FP4."""
     if site.status != "fp4":
         return None
     a, b = tensors
-    capability = torch.cuda.get_device_capability(a.device) if a.device.type == "cuda" else None
-    k = _hint(site.reduction)
-    if b.dim() > 2 and site.op != "linear":
-        path, reason = "emulated", "a batched right operand (torch._scaled_mm takes 2-D matrices)"
-    else:
-        path, reason = plan(a.device.type, capability, config.format, None, _hint(b.numel()) // max(k, 1), k)
+    path, reason = gemm.plan(*gemm.device_of(a), config.format, *gemm_shapes(site, a, b))
     return {"path": path, "reason": reason}
 
 

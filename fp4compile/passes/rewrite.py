@@ -18,6 +18,7 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], config: FP4Config) -> None:
             a_is_weight=site.weights[0] is not None,
             b_is_weight=site.weights[1] is not None,
             out_dtype=out.dtype if out is not None else None,
+            name=site.module,
         )
         site.node.op = "call_function"
         site.node.target = FP4Site(site.op, spec)

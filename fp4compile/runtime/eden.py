@@ -20,7 +20,7 @@ import torch
 
 from fp4compile.runtime.e2m1 import round_to_e2m1
 from fp4compile.runtime.formats import E4M3_MAX
-from fp4compile.runtime.quantize import exact_div
+from fp4compile.runtime.quantize import abs_max, exact_div
 
 BLOCK = 16
 SCALE_OVERRIDE = (17 / 16) * 0.93
@@ -60,7 +60,7 @@ def ms_eden_operand(x: torch.Tensor, group: int = 128, generator: torch.Generato
         raise ValueError(f"ms_eden needs the last dim ({x.shape[-1]}) to be a multiple of the rotation group "
                          f"({group}), itself a multiple of {BLOCK}")
     xb = x.float().unflatten(-1, (-1, BLOCK))  # [..., blocks, 16]
-    ts = tensor_scale(x.float().abs().amax())
+    ts = tensor_scale(abs_max(x.float()))
     block = exact_div(xb.abs().amax(-1, keepdim=True) * (SCALE_OVERRIDE / 6.0), ts).to(torch.float8_e4m3fn).float()
     block = torch.where(block == 0, 1.0, block)  # an all-zero block: any scale, values are 0
     scaled = exact_div(xb, block * ts)

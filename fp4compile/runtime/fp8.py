@@ -3,7 +3,7 @@
 import torch
 
 from fp4compile.runtime import hopper
-from fp4compile.runtime.quantize import floored, poison, reciprocal
+from fp4compile.runtime.quantize import abs_max, floored, poison, reciprocal
 
 FP8_DTYPES = {"float8_e5m2": torch.float8_e5m2, "float8_e4m3fn": torch.float8_e4m3fn}
 
@@ -21,9 +21,9 @@ def quantize_fp8_rows(x: torch.Tensor, dtype: torch.dtype):
     The scale is amax * fl32(1 / max) rather than amax / max, as in quantize.py: identical on every device;
     at least 2^-126 (``quantize.MIN_SCALE``), and the data is x * fl32(1 / scale), as in quantize.py.
     Returns (FP8 data, FP32 scale of shape [..., 1]); data * scale approximates x. A zero row gets scale 0
-    and zero data; a row holding NaN or inf gets a NaN scale.
+    and zero data (so does every row of an empty dim: no tokens); a row holding NaN or inf gets a NaN scale.
     """
-    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    amax = abs_max(x.float(), (-1,))
     scale = poison(floored(amax * (1.0 / torch.finfo(dtype).max)), amax)
     data = (x.float() * reciprocal(scale)).to(dtype)
     return data, scale

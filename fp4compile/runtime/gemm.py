@@ -9,14 +9,19 @@ operands (E2M1 values times E4M3 block scales) arrive in BF16, which holds them 
 FP8 value: a BF16 tensor-core GEMM with FP32 output multiplies any mix of them exactly. Float32 operands
 take the emulation. Every implementation must agree with ``emulated``.
 
-The paths, by device (``plan`` answers for any device without running anything):
+The paths, by device (``plan`` decides them, for any device without running anything, and the runtime
+dispatches on its answer: ``tensor_plan`` asks it about the tensors at hand):
 
     device          vector / tensor / mxfp4       nvfp4
-    sm_100+         forward: blackwell_fp4 (mxfp4, nvfp4: native block-scaled FP4 MMA); else hopper_fp8;
-                    the unbiased recipes' NVFP4 backward GEMMs too (``nvfp4_gemm``)
-    sm_89, sm_90    hopper_fp8                    bf16_exact
-    sm_80           bf16_exact                    bf16_exact
+    sm_10x          forward: blackwell_fp4 (mxfp4, nvfp4: native block-scaled FP4 MMA; a 2-D B); else
+                    hopper_fp8; the unbiased recipes' NVFP4 GEMMs too (``nvfp4_gemm``)
+    sm_89, sm_90,   hopper_fp8                    bf16_exact
+    sm_11x, sm_12x
+    sm_80, sm_86    bf16_exact                    bf16_exact
     CPU, older GPU  emulated                      emulated
+
+hopper_fp8 needs a 2-D B and K, N multiples of 16 (else bf16_exact); bf16_exact a 2-D B or one batch
+dim shared by A and B (else emulated). An empty GEMM (a zero size) is emulated: nothing to multiply.
 """
 
 import torch
@@ -24,7 +29,6 @@ import torch
 from fp4compile.runtime import hopper
 
 BLOCK_FORMATS = ("mxfp4", "nvfp4")
-BLACKWELL = (10, 0)
 BF16_MIN_CAPABILITY = (8, 0)  # BF16 tensor cores; torch.mm(..., out_dtype=torch.float32) on CUDA
 BF16_EXACT = (torch.bfloat16, *hopper.FP8_DTYPES)  # dtypes whose every value BF16 holds
 
@@ -39,15 +43,20 @@ def emulated(a, a_scale, b, b_scale) -> torch.Tensor:
     return torch.matmul(a.float(), b.float().mT) * a_scale * row_scale_as_columns(b_scale)
 
 
-def bf16_reason(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """Why a [..., M, K] x b [..., N, K] does not run as an exact BF16 GEMM with FP32 output, or None."""
-    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < BF16_MIN_CAPABILITY:
-        return f"device {a.device} has no BF16 GEMM with FP32 output (CUDA sm_80+)"
-    if a.dtype not in BF16_EXACT or b.dtype not in BF16_EXACT:
-        return f"{a.dtype} x {b.dtype} operands are not all exact in BF16"
-    if not (b.dim() == 2 or a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]):
-        return f"operand shapes {tuple(a.shape)} x {tuple(b.shape)}: neither a 2-D b nor one batch dim"
+def bf16_rule(device_type: str, capability, a_dtype, b_dtype, a_shape, b_shape) -> str | None:
+    """Why operands a [..., M, K] x b [..., N, K] do not run as an exact BF16 GEMM with FP32 output, or None."""
+    if device_type != "cuda" or capability is None or tuple(capability) < BF16_MIN_CAPABILITY:
+        return f"device {device_type} {capability or ''} has no BF16 GEMM with FP32 output (CUDA sm_80+)"
+    if a_dtype not in BF16_EXACT or b_dtype not in BF16_EXACT:
+        return f"{a_dtype} x {b_dtype} operands are not all exact in BF16"
+    if not (len(b_shape) == 2 or len(a_shape) == len(b_shape) == 3 and a_shape[0] == b_shape[0]):
+        return f"operand shapes {tuple(a_shape)} x {tuple(b_shape)}: neither a 2-D b nor one batch dim"
     return None
+
+
+def bf16_reason(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """``bf16_rule`` for tensors a [..., M, K] and b [..., N, K] on their device."""
+    return bf16_rule(*device_of(a), a.dtype, b.dtype, a.shape, b.shape)
 
 
 def bf16_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype) -> torch.Tensor:
@@ -60,37 +69,81 @@ def bf16_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype) -> torch.Tensor:
     return (y * a_scale * row_scale_as_columns(b_scale)).to(out_dtype)
 
 
-def scaled_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[..., M, K] x [..., N, K] -> [..., M, N] in ``out_dtype``, on the fastest exact path for the device."""
-    if a.device.type == "cuda":
-        if hopper.eligible(a, b)[0]:
-            return hopper.scaled_gemm(a, a_scale, b, b_scale, out_dtype)
-        if bf16_reason(a, b) is None:
-            return bf16_gemm(a, a_scale, b, b_scale, out_dtype)
+def _emulated(a, a_scale, b, b_scale, out_dtype: torch.dtype) -> torch.Tensor:
     return emulated(a, a_scale, b, b_scale).to(out_dtype)
 
 
-def _capability(device: torch.device):
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+# What scaled_gemm runs for each path plan() can give operands that are not block-scaled FP4.
+SCALED_GEMMS = {"hopper_fp8": hopper.scaled_gemm, "bf16_exact": bf16_gemm, "emulated": _emulated}
 
 
-def native_block_reason(device_type: str, capability, format: str) -> str | None:
-    """Why a forward GEMM of ``format`` does not run as a native block-scaled FP4 GEMM (None: it does)."""
+def scaled_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., M, K] x [..., N, K] -> [..., M, N] in ``out_dtype``, on the path ``plan`` gives these tensors."""
+    return SCALED_GEMMS[tensor_plan(a, b)[0]](a, a_scale, b, b_scale, out_dtype)
+
+
+def device_of(t: torch.Tensor) -> tuple[str, tuple[int, int] | None]:
+    """(device type, CUDA capability or None) of the device ``t`` is on: what ``plan`` decides by."""
+    return t.device.type, torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
+
+
+def native_block_reason(device_type: str, capability, format: str | None) -> str | None:
+    """Why a GEMM of ``format`` operands does not run as a native block-scaled FP4 GEMM (None: it does):
+    the capabilities are the kernel's own (``blackwell.NATIVE_MAJORS``)."""
     if format not in BLOCK_FORMATS:
         return f"format {format!r} has no block scales for a block-scaled MMA"
-    if device_type != "cuda" or capability is None or tuple(capability) < BLACKWELL:
-        return f"no native FP4 tensor cores on {device_type} {capability or ''}".rstrip()
     from fp4compile.runtime.kernels import blackwell
 
+    if device_type != "cuda" or capability is None or capability[0] not in blackwell.NATIVE_MAJORS:
+        return f"no native FP4 kernel for {device_type} {capability or ''}".rstrip() + " (built for sm_10x)"
     if not blackwell.HAS_TRITON:
         return "triton is not installed"
     return None
 
 
+# What each GEMM's operands are stored as, per FP4 format (quantize.gemm_operand).
+FORMAT_DTYPES = {"vector": torch.float8_e4m3fn, "tensor": torch.float8_e4m3fn, "mxfp4": torch.float8_e4m3fn,
+                 "nvfp4": torch.bfloat16}
+
+
+def plan(device_type: str, capability, format: str | None, a_shape, b_shape, *, dtypes=None,
+         alignment: str | None = None) -> tuple[str, str | None]:
+    """(path, why not faster) of the GEMM A [..., M, K] @ B [..., N, K]^T on a device of ``capability``
+    ((major, minor) or None): "blackwell_fp4", "hopper_fp8", "bf16_exact" or "emulated" (see the module
+    doc). ``format``: the operands' FP4 format, or None for operands that are not block-scaled FP4 values
+    (a gradient GEMM's); ``dtypes``: (A's, B's) as stored, by default ``format``'s; ``alignment``: why the
+    tensors' storage is not aligned (the runtime's, None: aligned). Pure: report.json and ``fp4compile
+    doctor`` call it for any device, and the runtime dispatches on its answer (``tensor_plan``)."""
+    if any(size == 0 for size in (*a_shape[-2:], b_shape[-2])):
+        return "emulated", "an empty GEMM (a zero-size dim): nothing to multiply"
+    if len(b_shape) == 2 and native_block_reason(device_type, capability, format) is None:
+        return "blackwell_fp4", None
+    a_dtype, b_dtype = dtypes or (FORMAT_DTYPES[format],) * 2
+    reason = hopper.device_reason(device_type, capability) or (format and hopper.format_reason(format))
+    reason = reason or hopper.operands_reason(a_dtype, b_dtype, a_shape, b_shape) or alignment
+    if reason is None:
+        return "hopper_fp8", None
+    if bf16_rule(device_type, capability, a_dtype, b_dtype, a_shape, b_shape) is None:
+        return "bf16_exact", reason
+    return "emulated", reason
+
+
+def tensor_plan(a: torch.Tensor, b: torch.Tensor, format: str | None = None) -> tuple[str, str | None]:
+    """``plan`` for the operands a [..., M, K], b [..., N, K] as stored (``format`` as in ``plan``)."""
+    return plan(*device_of(a), format, a.shape, b.shape, dtypes=(a.dtype, b.dtype),
+                alignment=hopper.alignment_reason(a, b))
+
+
+def block_gemm(va, oa, vb, ob, format: str, native, out_dtype: torch.dtype) -> torch.Tensor:
+    """``scaled_gemm`` of ``format`` operands (values va, vb and outer scales oa, ob as quantize.gemm_operand
+    returns them), or ``native()`` where ``plan`` says blackwell_fp4: the native block-scaled FP4 GEMM."""
+    if tensor_plan(va, vb, format)[0] == "blackwell_fp4":
+        return native()
+    return scaled_gemm(va, oa, vb, ob, out_dtype)
+
+
 def native_block_gemm(a: torch.Tensor, b: torch.Tensor, format: str, out_dtype: torch.dtype):
-    """Q(a) @ Q(b)^T for a block format on sm_100+, or None where ``native_block_reason`` says no."""
-    if native_block_reason(a.device.type, _capability(a.device), format) is not None:
-        return None
+    """Q(a) @ Q(b)^T for a block format with b 2-D, as a native block-scaled FP4 GEMM."""
     from fp4compile.runtime.kernels import blackwell
 
     return blackwell.block_scaled_matmul(a, b, format, out_dtype, quantizer="triton" if a.is_cuda else "reference")
@@ -98,28 +151,14 @@ def native_block_gemm(a: torch.Tensor, b: torch.Tensor, format: str, out_dtype: 
 
 def nvfp4_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``scaled_gemm`` of NVFP4 operands (E2M1 values times E4M3 block scales in BF16, 0-d FP32 tensor
-    scales) with a 2-D ``b``: on sm_100+ the native block-scaled FP4 MMA on their codes and scales
-    (``blackwell.split_nvfp4`` recovers them exactly), elsewhere ``scaled_gemm``."""
-    if b.dim() != 2 or native_block_reason(a.device.type, _capability(a.device), "nvfp4") is not None:
-        return scaled_gemm(a, a_scale, b, b_scale, out_dtype)
-    from fp4compile.runtime.kernels import blackwell
+    scales): on sm_10x with a 2-D ``b`` the native block-scaled FP4 MMA on their codes and scales
+    (``blackwell.split_nvfp4`` recovers them exactly)."""
 
-    (pa, sa), (pb, sb) = blackwell.split_nvfp4(a.reshape(-1, a.shape[-1])), blackwell.split_nvfp4(b)
-    y = blackwell.block_scaled_mm(pa, sa, pb, sb, a_scale.float(), b_scale.float(), "nvfp4", out_dtype)
-    return y.reshape(*a.shape[:-1], b.shape[0])
+    def native():
+        from fp4compile.runtime.kernels import blackwell
 
+        (pa, sa), (pb, sb) = blackwell.split_nvfp4(a.reshape(-1, a.shape[-1])), blackwell.split_nvfp4(b)
+        y = blackwell.block_scaled_mm(pa, sa, pb, sb, a_scale.float(), b_scale.float(), "nvfp4", out_dtype)
+        return y.reshape(*a.shape[:-1], b.shape[0])
 
-def plan(device_type: str, capability, format: str, m, n, k) -> tuple[str, str | None]:
-    """(path, why not faster) of a forward GEMM [M, K] x [N, K] in ``format`` on a device of
-    ``capability`` ((major, minor) or None): "blackwell_fp4", "hopper_fp8", "bf16_exact" (NVFP4's BF16
-    operands, or FP8 ones whose shapes _scaled_mm refuses) or "emulated". Pure, so a compile-time report
-    can call it for any device; the runtime decides the same from its tensors."""
-    if native_block_reason(device_type, capability, format) is None:
-        return "blackwell_fp4", None
-    reason = hopper.device_reason(device_type, capability) or hopper.format_reason(format)
-    reason = reason or hopper.shape_reason(m, n, k)
-    if reason is None:
-        return "hopper_fp8", None
-    if device_type == "cuda" and capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY:
-        return "bf16_exact", reason
-    return "emulated", reason
+    return block_gemm(a, a_scale, b, b_scale, "nvfp4", native, out_dtype)

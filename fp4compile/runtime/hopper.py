@@ -49,29 +49,38 @@ def shape_reason(m, n, k) -> str | None:
     return None
 
 
-def operand_reason(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """Why operands a [..., M, K], b [N, K] cannot go to _scaled_mm (dtype, rank, size, alignment)."""
-    if a.dtype not in FP8_DTYPES or b.dtype not in FP8_DTYPES:
-        return f"{a.dtype} x {b.dtype} operands are not both FP8 (NVFP4 arrives as float32)"
-    if a.dtype == b.dtype == torch.float8_e5m2:
+def operands_reason(a_dtype: torch.dtype, b_dtype: torch.dtype, a_shape, b_shape) -> str | None:
+    """Why operands a [..., M, K], b [N, K] of these dtypes and shapes cannot go to _scaled_mm, or None."""
+    if a_dtype not in FP8_DTYPES or b_dtype not in FP8_DTYPES:
+        return f"{a_dtype} x {b_dtype} operands are not both FP8 (NVFP4 arrives as float32)"
+    if a_dtype == b_dtype == torch.float8_e5m2:
         return "two float8_e5m2 operands (cuBLASLt needs at least one float8_e4m3fn)"
-    if a.dim() < 2 or b.dim() != 2:
-        return f"operand ranks {a.dim()} and {b.dim()}: _scaled_mm needs a 2-D b (a batched b falls back)"
-    reason = shape_reason(a.shape[-2], b.shape[-2], a.shape[-1])
-    if reason:
-        return reason
+    if len(a_shape) < 2 or len(b_shape) != 2:
+        return (f"operand ranks {len(a_shape)} and {len(b_shape)}: _scaled_mm needs a 2-D b "
+                "(a batched b falls back)")
+    return shape_reason(a_shape[-2], b_shape[-2], a_shape[-1])
+
+
+def alignment_reason(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why the operands' storage is not 16-byte aligned for cuBLASLt, or None."""
     for name, t in (("a", a), ("b", b)):
         if t.storage_offset() * t.element_size() % ALIGN:
             return f"operand {name} starts {t.storage_offset()} elements into its storage: not {ALIGN}-byte aligned"
     return None
 
 
+def operand_reason(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why operands a [..., M, K], b [N, K] cannot go to _scaled_mm (dtype, rank, size, alignment)."""
+    return operands_reason(a.dtype, b.dtype, a.shape, b.shape) or alignment_reason(a, b)
+
+
 def eligible(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str | None]:
-    """(True, None) if ``scaled_gemm`` can run a [..., M, K] x b [N, K] here, else (False, why not)."""
-    device = a.device
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    reason = device_reason(device.type, capability) or operand_reason(a, b)
-    return reason is None, reason
+    """(True, None) if ``scaled_gemm`` runs a [..., M, K] x b [N, K] here on FP8 tensor cores, else (False,
+    why not): ``gemm.plan``'s answer for these tensors."""
+    from fp4compile.runtime.gemm import tensor_plan
+
+    path, reason = tensor_plan(a, b)
+    return path == "hopper_fp8", reason
 
 
 def _rowwise(scale: torch.Tensor, rows) -> torch.Tensor:

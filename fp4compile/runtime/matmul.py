@@ -15,19 +15,21 @@ import torch
 from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands, has_fp8_kernels
-from fp4compile.runtime.gemm import native_block_gemm, row_scale_as_columns, scaled_gemm
+from fp4compile.runtime.gemm import block_gemm, native_block_gemm, row_scale_as_columns, scaled_gemm
 from fp4compile.runtime.occ import occ_clamp
 from fp4compile.runtime.quantize import gemm_operand, scaled_domain
 
 
 @dataclass(frozen=True)
 class MatmulSpec:
-    """What one matmul site needs beyond its tensors: the config and which operands are weights."""
+    """What one matmul site needs beyond its tensors: the config, which operands are weights, and the
+    module it was called from (its FQN, for error messages; None outside any module or when unknown)."""
 
     config: FP4Config
     a_is_weight: bool = False
     b_is_weight: bool = True
     out_dtype: torch.dtype | None = None
+    name: str | None = None
 
 
 def _activation_operand(x, format: str):
@@ -70,13 +72,9 @@ def _grad_operands(dy, ob, oa, grad_dtype, need_a: bool, need_b: bool):
 
 
 def _forward_gemm(ca, va, oa, cb, vb, ob, format, dtype):
-    """The forward GEMM: a native block-scaled FP4 GEMM where the device has one (it quantizes the
+    """The forward GEMM on the path gemm.plan gives: a native block-scaled FP4 GEMM (it quantizes the
     clamped operands ``ca``, ``cb`` itself, to the same values), else the scaled GEMM of the values."""
-    if ca.dim() == 2 and cb.dim() == 2:
-        y = native_block_gemm(ca, cb, format, dtype)
-        if y is not None:
-            return y
-    return scaled_gemm(va, oa, vb, ob, dtype)
+    return block_gemm(va, oa, vb, ob, format, lambda: native_block_gemm(ca, cb, format, dtype), dtype)
 
 
 class FP4MatmulNT(torch.autograd.Function):

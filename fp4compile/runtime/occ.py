@@ -15,6 +15,16 @@ product stays below max(n, 2^29): Inductor folds this arithmetic into a gather's
 in int32 on CUDA when n < 2^31 (a multiplicative hash mod n overflowed there).
 The fraction of entries beyond an estimated threshold then has a standard deviation of
 sqrt(p (1 - p) / m) around p = 1 - alpha: for m = 65536 and alpha = 0.99, 1% +- 0.04%.
+
+Non-finite entries (NaN, +-inf) are counted out of the ranks, so they poison only their own rows (their
+scale is NaN; an inf's residual is inf or NaN, which R @ W^T carries to its row only) and never the
+thresholds every row is clamped to. Of the n entries selected from (the tensor, or its sample), c not
+finite: with k = ceil(alpha * n) as above, the upper threshold is the (k - c)-th smallest finite entry
+and the lower one the (k - c)-th largest, so n - k finite entries still lie beyond each, as without them.
+If the two cross (k - c < 1, or lower > upper: more than 2k - n - 1 entries not finite), nothing is
+clamped (thresholds -inf, +inf). Without non-finite entries this is the plain nearest rank, bit for bit.
+The selection maps non-finite entries to -inf (for the upper) and +inf (for the lower) before the same
+kthvalue calls: no host sync, no data-dependent shape, no count.
 """
 
 from fractions import Fraction
@@ -35,7 +45,8 @@ def sample_index(n: int, m: int, device=None) -> torch.Tensor:
 
 def occ_thresholds(x: torch.Tensor, quantile: float, sample: int | None = None):
     """(lower, upper) clamp thresholds of ``x`` as 0-d tensors in ``x``'s dtype: exact, or estimated from
-    a stratified sample of ``sample`` entries when ``x`` has at least 16 times that many."""
+    a stratified sample of ``sample`` entries when ``x`` has at least 16 times that many. Non-finite
+    entries are counted out (see the module doc)."""
     if not 0.5 < quantile <= 1.0:
         raise ValueError(f"occ_quantile must be in (0.5, 1], got {quantile}")
     flat = x.reshape(-1)
@@ -46,9 +57,11 @@ def occ_thresholds(x: torch.Tensor, quantile: float, sample: int | None = None):
     # 0.5 < quantile <= 1 keeps k within [1, n].
     q = Fraction(quantile).limit_denominator(1 << 20)
     k = (n * q.numerator + q.denominator - 1) // q.denominator
-    upper = torch.kthvalue(flat, k).values
-    lower = torch.kthvalue(flat, n - k + 1).values
-    return lower, upper
+    finite = torch.isfinite(flat)
+    upper = torch.kthvalue(torch.where(finite, flat, -torch.inf), k).values
+    lower = torch.kthvalue(torch.where(finite, flat, torch.inf), n - k + 1).values
+    crossed = lower > upper  # never without non-finite entries: k >= n - k + 1
+    return torch.where(crossed, -torch.inf, lower), torch.where(crossed, torch.inf, upper)
 
 
 def occ_clamp(x: torch.Tensor, quantile: float, sample: int | None = None):

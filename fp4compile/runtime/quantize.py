@@ -32,10 +32,16 @@ def _blocked(x: torch.Tensor, fmt: Format, dim: int) -> torch.Tensor:
     return x.unflatten(-1, (x.shape[-1] // block if block else 1, block))
 
 
-def _amax(xb: torch.Tensor, dims) -> torch.Tensor:
-    if xb.numel() == 0:
-        return xb.new_zeros([1 if d in dims or d - xb.dim() in dims else s for d, s in enumerate(xb.shape)])
-    return xb.abs().amax(dim=dims, keepdim=True)
+def abs_max(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """max |x| over ``dims``, kept as size-1 dims (over all dims if None: 0-d). Every scale is computed
+    from it. A reduction over no entries (an empty tensor: no tokens in a batch) gives 0, where torch's
+    amax raises for want of an identity. Under torch.compile a zero size is static (Dynamo specializes
+    sizes 0 and 1, so a symbolic size is at least 2): the branch is decided at trace time, free at run time."""
+    if x.numel() == 0:
+        if dims is None:
+            return x.new_zeros(())
+        return x.new_zeros([1 if d in dims or d - x.dim() in dims else s for d, s in enumerate(x.shape)])
+    return x.abs().amax() if dims is None else x.abs().amax(dim=dims, keepdim=True)
 
 
 def poison(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,7 @@ def nvfp4_tensor_scale(tensor_amax: torch.Tensor) -> torch.Tensor:
 
 def _scales(xb: torch.Tensor, fmt: Format):
     """Per-group scales for blocked ``xb``: (effective FP32 scale, stored scale, FP32 tensor scale or None)."""
-    amax = _amax(xb, (-1,))
+    amax = abs_max(xb, (-1,))
     if fmt.name in ("tensor", "vector"):
         scale = poison(floored(_over(amax, e2m1.E2M1_MAX)), amax)
         return scale, scale, None
@@ -97,7 +103,7 @@ def _scales(xb: torch.Tensor, fmt: Format):
         scale = poison(torch.exp2(shared.float()), amax)
         stored = torch.where(torch.isfinite(amax), shared + _E8M0_BIAS, 255).to(torch.uint8)
         return scale, stored, None
-    tensor_amax = _amax(xb, (-2, -1)).amax() if xb.numel() else xb.new_zeros(())
+    tensor_amax = abs_max(xb)
     tensor_scale = nvfp4_tensor_scale(tensor_amax)
     safe_ts = torch.where(tensor_scale == 0, 1.0, tensor_scale)
     block_scale = exact_div(_over(amax, e2m1.E2M1_MAX), safe_ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)

@@ -21,7 +21,7 @@ torch 2.13), which breaks the rotation's cancellation; inside the op the draws h
 import torch
 
 from fp4compile.runtime.gemm import nvfp4_gemm, scaled_gemm
-from fp4compile.runtime.hadamard import random_signs
+from fp4compile.runtime.hadamard import GROUP_SIZES, random_signs
 from fp4compile.runtime.kernels import rotate_quantize as rq
 from fp4compile.runtime.quantize import gemm_operand, tiles_operand
 
@@ -34,18 +34,52 @@ def forward_operand(x: torch.Tensor, is_weight: bool):
     return gemm_operand(x.float(), "nvfp4")
 
 
-def _check(size: int, group: int, what: str) -> None:
-    if size % group:
-        raise ValueError(f"the unbiased NVFP4 backward rotates {what} in Hadamard groups of {group}, but its size "
-                         f"is {size}; use a multiple of {group} (e.g. pad the batch) or a smaller hadamard_group")
+def dim_problems(config, name: str | None, m, n, k, *, tiled: bool, need_dx: bool = True, need_dw: bool = True,
+                 tokens_vary: bool = False) -> list[str]:
+    """What the unbiased ``config.backward`` cannot multiply in Y = X [M, K] @ W [N, K]^T of module
+    ``name``: one message per GEMM and dim (its size, the multiple it needs, the fix), empty if none.
+    Each GEMM quantizes along its reduction dim: the forward along K (NVFP4 blocks of 16), dX along N, the
+    output features (blocks of 16 for "nvidia", Hadamard groups for "quartet2"), dW along the tokens M
+    (Hadamard groups). ``tiled``: W is a 2-D weight quantized in 16x16 tiles, so N needs 16 too.
+    ``tokens_vary``: M is a dynamic size, checked at this trace's value, so every step's M must divide."""
+    recipe, group = config.backward, config.hadamard_group
+    dx_multiple = 16 if recipe == "nvidia" else group
+    checks = ((True, k, 16), (tiled, n, 16), (need_dx, n, dx_multiple), (need_dw, m, group))
+    if not any(needed and size % multiple for needed, size, multiple in checks):  # the only guards it adds
+        return []
+    rotated = f"Hadamard groups of {group}"
+
+    def smaller(size):
+        fits = [g for g in GROUP_SIZES if g < group and size % g == 0]
+        return f", or set hadamard_group={fits[-1]}" if fits else ""
+
+    features = "pad the output features to a multiple of {}"
+    dx = ("NVFP4 blocks of 16 (dY rounded stochastically)", features.format(16)) if recipe == "nvidia" else (
+        rotated, features.format(group) + smaller(n))
+    tokens = f"pad the batch so that its tokens (batch x sequence) are a multiple of {group}{smaller(m)}"
+    if tokens_vary:
+        tokens += f"; the token count is dynamic and must stay a multiple of {group} at every step"
+    needs = [
+        (True, "the forward Y = X @ W^T", f"K = {k} (the input features)", k, 16, "NVFP4 blocks of 16",
+         "pad the input features to a multiple of 16"),
+        (tiled, "the forward's weight tiles", f"N = {n} (the output features)", n, 16, "16x16 tiles",
+         features.format(16)),
+        (need_dx, "dX = dY @ W", f"N = {n} (the output features)", n, dx_multiple, *dx),
+        (need_dw, "dW = dY^T @ X", f"M = {m} (the tokens)", m, group, rotated, tokens),
+    ]
+    where = f"module {name!r}" if name else "a matmul outside any named module"
+    return [f"{where}: backward={recipe!r} quantizes {gemm} along {dim} in {unit}, so {dim.split()[0]} must be a "
+            f"multiple of {multiple}. Fix: {fix}; or exclude the module (config.exclude keeps it in high "
+            "precision), or use backward='fp8'."
+            for needed, gemm, dim, size, multiple, unit, fix in needs if needed and size % multiple]
 
 
 def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, x_scale=None):
     """x (times the scalar ``x_scale``) rotated along its last dim (``signs`` None: not rotated) and
     quantized to NVFP4 (``rounding``: "nearest", "stochastic" or "eden"), as (values x block scales in BF16,
     tensor scale): one fused Triton pass on CUDA, the reference elsewhere. Leading dims share the tensor
-    scale, so they are flattened."""
-    if x.is_cuda and rq.HAS_TRITON:
+    scale, so they are flattened. An empty x (no tokens) takes the reference: no launch of an empty grid."""
+    if x.is_cuda and rq.HAS_TRITON and x.numel():
         values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding, x_scale=x_scale)
         return values.reshape(x.shape), tensor_scale
     return rq.reference(x, signs, rounding, x_scale=x_scale)
@@ -59,7 +93,6 @@ def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: s
     "nvidia", for dB, whose reduction dim is the tokens). ``q_tiled``: q was quantized in 16x16 tiles, so
     it is NVFP4 along R too."""
     if recipe == "quartet2":
-        _check(p.shape[-1], group, "the reduction dim")
         signs = random_signs(group, device=p.device)
         pv, ps = rotate_quantize(p, signs, "eden")
         qv, qs = rotate_quantize(q, signs, "eden", q_scale)
@@ -68,7 +101,6 @@ def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: s
         pv, ps = rotate_quantize(p, None, "stochastic")
         # Only a tiled B_q is NVFP4 along N (blocks of 16 sharing a scale) for a native FP4 GEMM.
         return (nvfp4_gemm if q_tiled else scaled_gemm)(pv, ps, q, q_scale)
-    _check(p.shape[-1], group, "the tokens")
     signs = random_signs(group, device=p.device)
     pv, ps = rotate_quantize(p, signs, "stochastic")
     qv, qs = rotate_quantize(q, signs, "nearest", q_scale)
@@ -84,6 +116,13 @@ class UnbiasedMatmulNT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, bias, spec):
         cfg = spec.config
+        # Under torch.compile a dynamic size here guards its divisibility: a step that breaks it recompiles,
+        # and the compile-time check (passes/classify.py) names the fix.
+        problems = dim_problems(cfg, spec.name, a.shape[-2] if a.dim() > 1 else 1, b.shape[-2], a.shape[-1],
+                                tiled=spec.b_is_weight and b.dim() == 2, need_dx=ctx.needs_input_grad[0],
+                                need_dw=ctx.needs_input_grad[1], tokens_vary=isinstance(a.shape[-2], torch.SymInt))
+        if problems:
+            raise ValueError("\n".join(problems))
         with torch.autocast(a.device.type, enabled=False):
             (va, sa), (vb, sb) = forward_operand(a, spec.a_is_weight), forward_operand(b, spec.b_is_weight)
             y = nvfp4_gemm(va, sa, vb, sb)

@@ -320,6 +320,12 @@ def _triton_version() -> tuple[int, int]:
     return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) if HAS_TRITON else (0, 0)
 
 
+# The CUDA capability majors whose tensor cores run the kernel's dot_scaled as native block-scaled FP4
+# MMAs (tcgen05: sm_100, sm_103), what gemm.plan reads. sm_120 compiles (mma.sync block_scale) but its
+# tiles are not sized yet; sm_90 runs the kernel with dot_scaled emulated (tests only, never dispatched).
+NATIVE_MAJORS = (10,)
+
+
 def kernel_reason(device: torch.device, format: str) -> str | None:
     """Why the Triton kernel does not run on ``device`` for ``format`` (None: it does). sm_100/sm_103
     lower it to native FP4 MMAs (checked AOT); on sm_90 Triton emulates dot_scaled (NVFP4 there needs
@@ -331,7 +337,7 @@ def kernel_reason(device: torch.device, format: str) -> str | None:
     if device.type != "cuda":
         return f"device {device.type!r}: the FP32 decode (reference_mm) runs instead"
     cap = torch.cuda.get_device_capability(device)
-    if cap[0] not in (9, 10):  # sm_120 compiles (mma.sync block_scale) but its tiles are not sized yet
+    if cap[0] != 9 and cap[0] not in NATIVE_MAJORS:
         return f"sm_{cap[0]}{cap[1]}: the kernel is built for sm_90 (emulated) and sm_100/sm_103 (native) only"
     if fmt.name == "nvfp4" and cap < (10, 0) and _triton_version() < (3, 8):
         return (f"triton {triton.__version__} cannot compile E4M3-scaled dot_scaled for sm_{cap[0]}{cap[1]} "
