@@ -35,6 +35,9 @@ class FP4Config:
         exclude keeps the output head (lm_head) in high precision, as FP8/FP4 training recipes do.
     quantize_activation_matmuls: also quantize matmuls with no weight operand (attention scores,
         attention x values), with OCC on both operands if occ is on.
+    quantize_routers: also quantize mixture-of-experts routers, the matmuls whose output picks experts
+        through torch.topk (found by that structure, not by name). Off by default, as FP8/FP4 MoE training
+        recipes keep routers in high precision: FP4 router logits change which experts tokens go to.
     dump_dir: write graphs and report.json of every compiled graph under this folder (also set by the
         FP4COMPILE_DUMP_DIR environment variable).
     backward: how the two gradient GEMMs are estimated. "fp8": the paper's (dY in grad_dtype, DGE or
@@ -59,6 +62,7 @@ class FP4Config:
     include: ModuleFilter = None
     exclude: ModuleFilter = ("lm_head", "*.lm_head")
     quantize_activation_matmuls: bool = False
+    quantize_routers: bool = False
     dump_dir: str | None = None
     backward: str = "fp8"
     hadamard_group: int = 16

@@ -16,6 +16,7 @@ from torch._logging import trace_structured
 
 from fp4compile.config import FP4Config
 from fp4compile.passes.find_sites import Site, example
+from fp4compile.runtime import hopper
 from fp4compile.runtime.gemm import plan
 
 log = logging.getLogger("fp4compile")
@@ -58,7 +59,11 @@ def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
     a, b = tensors
     capability = torch.cuda.get_device_capability(a.device) if a.device.type == "cuda" else None
     k = _hint(site.reduction)
-    if b.dim() > 2 and site.op != "linear":
+    if site.op == "grouped_mm":
+        out = example(site.node)
+        reason = hopper.grouped_device_reason(a.device.type, capability, out.dtype, _hint(b.shape[-1]), k)
+        path = "hopper_fp8_grouped" if reason is None else "emulated"
+    elif b.dim() > 2 and site.op != "linear":
         path, reason = "emulated", "a batched right operand (torch._scaled_mm takes 2-D matrices)"
     else:
         path, reason = plan(a.device.type, capability, config.format, None, _hint(b.numel()) // max(k, 1), k)
