@@ -1,0 +1,128 @@
+"""Mixture-of-experts models from transformers (configs only, no download) with backend="fp4": every
+expert weight is an FP4 site reported by its parameter's FQN, routers stay in high precision, and a few
+training steps lower the loss."""
+
+import json
+
+import pytest
+import torch
+from conftest import rewritten
+
+import fp4compile
+from fp4compile import FP4Config
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _qwen3_moe(implementation):
+    config = transformers.Qwen3MoeConfig(**COMMON, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                         head_dim=16)
+    config._experts_implementation = implementation
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+def _mixtral(implementation):
+    config = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = implementation
+    return transformers.MixtralForCausalLM(config)
+
+
+def _train(model, tmp_path, monkeypatch, dtype=torch.float32, steps=6):
+    """AdamW steps on one fixed batch through the fp4 backend (on aot_eager: Inductor's numerics, and
+    minutes less compile time on a CPU; tests/test_grouped.py compiles the grouped op with Inductor):
+    (losses, the sites of every report)."""
+    monkeypatch.setenv("FP4COMPILE_DUMP_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = model.to(dtype)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+    compiled = torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = compiled(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    sites = [s for p in sorted(tmp_path.glob("*/report.json")) for s in json.loads(p.read_text())["sites"]]
+    return losses, sites
+
+
+def _assert_experts_fp4_and_routers_skipped(model, sites, op):
+    experts = {n for n, p in model.named_parameters() if p.dim() == 3}
+    routers = {n for n, m in model.named_modules() if n.endswith("mlp.gate")}
+    assert experts and routers
+    by_weight = {w: s for s in sites for w in s["weights"] if w}
+    for name in experts:
+        assert by_weight[name]["status"] == "fp4" and by_weight[name]["op"] == op, by_weight[name]
+    for name in routers:
+        site = by_weight[name + ".weight"]
+        assert site["status"] == "skipped" and "router" in site["reason"], site
+
+
+def _assert_trains(losses):
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize(("build", "implementation", "dtype", "op"), [
+    (_qwen3_moe, "grouped_mm", torch.float32, "grouped_mm"),  # transformers' grouped_mm_fallback op
+    (_qwen3_moe, "grouped_mm", torch.bfloat16, "grouped_mm"),  # torch._grouped_mm (BF16 weights)
+    (_qwen3_moe, "batched_mm", torch.float32, "bmm"),  # bmm over w[expert_ids]
+    (_mixtral, "grouped_mm", torch.float32, "grouped_mm"),
+    (_mixtral, "batched_mm", torch.float32, "bmm"),
+])
+def test_experts_are_fp4_and_routers_stay_high_precision(build, implementation, dtype, op, tmp_path, monkeypatch):
+    model = build(implementation)
+    losses, sites = _train(model, tmp_path, monkeypatch, dtype)
+    _assert_experts_fp4_and_routers_skipped(model, sites, op)
+    _assert_trains(losses)
+
+
+class Router(torch.nn.Module):
+    """A router by structure, not by name: scores through a cast and a sigmoid into torch.topk."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = torch.nn.Linear(32, 8, bias=False)
+        self.proj = torch.nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        picked = torch.topk(torch.sigmoid(self.score(x).float()), 2, dim=-1).indices
+        return self.proj(x) * picked.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("quantize_routers", [False, True])
+def test_routers_are_found_by_structure(quantize_routers):
+    report, _ = rewritten(Router(), torch.randn(16, 32), config=FP4Config(quantize_routers=quantize_routers))
+    sites = {s["module"]: s for s in report["sites"]}
+    assert sites["proj"]["status"] == "fp4"
+    if quantize_routers:
+        assert sites["score"]["status"] == "fp4"
+    else:
+        assert sites["score"]["status"] == "skipped" and "quantize_routers=True" in sites["score"]["reason"]
+
+
+class GatheredExperts(torch.nn.Module):
+    """Expert weights picked per token (index, index_select) or per expert (an int), as batched_mm and
+    eager experts do."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 16, 32))
+
+    def forward(self, x, ids):
+        a = torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
+        b = torch.bmm(x.unsqueeze(1), self.w.index_select(0, ids).mT).squeeze(1)
+        c = torch.nn.functional.linear(x, self.w[2])
+        return a + b + c
+
+
+def test_gathered_expert_weights_are_weight_sites():
+    report, _ = rewritten(GatheredExperts(), torch.randn(8, 32), torch.randint(0, 4, (8,)))
+    sites = report["sites"]
+    assert [s["status"] for s in sites] == ["fp4"] * 3
+    assert [s["weights"] for s in sites] == [["w", None], [None, "w"], [None, "w"]]
