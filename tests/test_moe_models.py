@@ -4,12 +4,14 @@ training steps lower the loss."""
 
 import json
 
+import expecttest
 import pytest
 import torch
 from conftest import rewritten
 
 import fp4compile
 from fp4compile import FP4Config
+from fp4compile.passes.report import summary_table
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,16 +115,79 @@ class GatheredExperts(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.randn(4, 16, 32))
+        self.table = torch.nn.Parameter(torch.randn(4, 32))  # rows of a 2-D table are activations
+        self.proj = torch.nn.Linear(32, 16, bias=False)
 
     def forward(self, x, ids):
         a = torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
         b = torch.bmm(x.unsqueeze(1), self.w.index_select(0, ids).mT).squeeze(1)
         c = torch.nn.functional.linear(x, self.w[2])
-        return a + b + c
+        return a + b + c + self.proj(self.table[ids])
 
 
 def test_gathered_expert_weights_are_weight_sites():
     report, _ = rewritten(GatheredExperts(), torch.randn(8, 32), torch.randint(0, 4, (8,)))
     sites = report["sites"]
-    assert [s["status"] for s in sites] == ["fp4"] * 3
-    assert [s["weights"] for s in sites] == [["w", None], [None, "w"], [None, "w"]]
+    assert [s["status"] for s in sites] == ["fp4"] * 4
+    assert [s["weights"] for s in sites] == [["w", None], [None, "w"], [None, "w"], [None, "proj.weight"]]
+
+
+class TinyMoE(torch.nn.Module):
+    """transformers' grouped_mm experts in a few lines: a router, tokens sorted by expert, two grouped GEMMs."""
+
+    def __init__(self, d=32, hidden=16, experts=4, top_k=2):
+        super().__init__()
+        self.gate = torch.nn.Linear(d, experts, bias=False)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * hidden, d) / d**0.5)
+        self.down_proj = torch.nn.Parameter(torch.randn(experts, d, hidden) / hidden**0.5)
+        self.top_k = top_k
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.gate(x), -1, dtype=torch.float32), self.top_k, dim=-1)
+        ids, perm = torch.sort(ids.reshape(-1))
+        counts = torch.histc(ids.float(), bins=self.gate_up_proj.shape[0], min=0, max=self.gate_up_proj.shape[0] - 1)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate, up = torch._grouped_mm(x[perm // self.top_k], self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, -1)
+        y = torch._grouped_mm(torch.nn.functional.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        return (y * weights.reshape(-1)[perm, None].to(y.dtype)).sum(0)
+
+
+class TestGoldenMoE(expecttest.TestCase):
+    def test_grouped_experts_rewritten_router_kept(self):
+        report, code = rewritten(TinyMoE().bfloat16(), torch.randn(8, 32, dtype=torch.bfloat16))
+        self.assertExpectedInline(code, """\
+linear = torch._C._nn.linear(l_x_, l_self_modules_gate_parameters_weight_, None)
+softmax = torch.softmax(linear, -1, dtype = torch.float32)
+topk = torch.topk(softmax, 2, dim = -1)
+weights = topk[0]
+ids = topk[1]
+reshape = ids.reshape(-1)
+sort = torch.sort(reshape)
+ids_1 = sort[0]
+perm = sort[1]
+float_1 = ids_1.float()
+counts = torch.histc(float_1, bins = 4, min = 0, max = 3)
+offs = torch.cumsum(counts, 0, dtype = torch.int32)
+floordiv = perm // 2
+getitem_4 = l_x_[floordiv]
+transpose = l_self_parameters_gate_up_proj_.transpose(-2, -1)
+_grouped_mm = fp4compile_fp4_grouped_mm(getitem_4, transpose, offs = offs)
+chunk = _grouped_mm.chunk(2, -1)
+gate = chunk[0]
+up = chunk[1]
+silu = torch.nn.functional.silu(gate)
+mul = silu * up
+transpose_1 = l_self_parameters_down_proj_.transpose(-2, -1)
+y = fp4compile_fp4_grouped_mm_1(mul, transpose_1, offs = offs)
+reshape_1 = weights.reshape(-1)
+getitem_7 = reshape_1[(perm, None)]
+to = getitem_7.to(torch.bfloat16)
+mul_1 = y * to
+sum_1 = mul_1.sum(0)
+return (sum_1,)""")
+        self.assertExpectedInline(summary_table(report), """\
+fp4compile graph_0_0: 2 fp4, 1 skipped
+node         op          module  shapes                  weight  status   gemm      reason
+linear       linear      gate    [8, 32] x [4, 32]       B       skipped  -         MoE router (its output picks experts through torch.topk): kept in high precision, as FP8/FP4 MoE recipes do; set quantize_routers=True to quantize it
+_grouped_mm  grouped_mm  None    [16, 32] x [4, 32, 32]  B       fp4      emulated  torch._scaled_grouped_mm runs on CUDA sm_90 and sm_100 only, not cpu
+y            grouped_mm  None    [16, 16] x [4, 16, 32]  B       fp4      emulated  torch._scaled_grouped_mm runs on CUDA sm_90 and sm_100 only, not cpu""")

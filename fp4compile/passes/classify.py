@@ -57,8 +57,12 @@ def _is_view(node: fx.Node) -> bool:
 def _is_expert_gather(node: fx.Node) -> bool:
     """w[ids] or w.index_select(0, ids) with integer ids: whole matrices of a [E, N, K] parameter picked
     along dim 0 (MoE experts), each quantized along its own rows, so quantizing after the gather gives
-    the gathered rows of the quantized parameter."""
+    the gathered rows of the quantized parameter. Rows picked from a 2-D parameter (an embedding
+    table) stay activations."""
     if node.op not in ("call_function", "call_method") or len(node.args) < 2:
+        return False
+    source = example(node.args[0])
+    if source is None or source.dim() < 3:
         return False
     if node.target in (torch.index_select, torch.Tensor.index_select, "index_select"):
         dim, index = node.args[1], node.args[2] if len(node.args) > 2 else None
