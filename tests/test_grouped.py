@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp4compile import FP4Config, fake_quantize
+from fp4compile.runtime import hopper
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.grouped import fp4_grouped_mm, grouped_mm_fp32
 from fp4compile.runtime.matmul import MatmulSpec
@@ -161,3 +162,17 @@ def test_emulation_is_exact_fp32_per_group():
     g = torch.randn(4, 10)
     dw = grouped_mm_fp32(g, a, offs)
     assert torch.equal(dw[2], g[:, 2:9] @ a[2:9]) and not dw[1].any()
+
+
+@pytest.mark.parametrize(("capability", "out_dtype", "n", "k", "fp8"), [
+    ((9, 0), torch.bfloat16, 128, 256, True),
+    ((10, 0), torch.bfloat16, 128, 256, True),
+    ((8, 9), torch.bfloat16, 128, 256, False),  # FP8 tensor cores, but no grouped FP8 kernel
+    ((12, 0), torch.bfloat16, 128, 256, False),
+    ((9, 0), torch.float32, 128, 256, False),  # the kernel returns BF16 only
+    ((9, 0), torch.bfloat16, 120, 256, False),
+    ((9, 0), torch.bfloat16, 128, 200, False),
+])
+def test_fp8_grouped_path_conditions(capability, out_dtype, n, k, fp8):
+    reason = hopper.grouped_device_reason("cuda", capability, out_dtype, n, k)
+    assert (reason is None) == fp8, reason

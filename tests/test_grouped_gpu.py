@@ -1,7 +1,8 @@
 """The grouped GEMM's FP8 path (torch._scaled_grouped_mm, CUDA sm_90 / sm_100) against the FP32
 emulation, which tests/test_grouped.py checks against the method. Both multiply the same FP8 values
-exactly and round once to BF16, so they differ by FP32 summation order (and Hopper's FP8 MMA adding
-products in reduced precision before each FP32 promotion, as for the dense path): a few BF16 ulps."""
+exactly and round once to BF16, so they differ by FP32 summation order and the order of the two scale
+multiplies (a BF16 ulp where that crosses a rounding boundary), and for an E4M3 gradient by Hopper's FP8
+MMA adding products in reduced precision before each FP32 promotion, as for the dense path."""
 
 import pytest
 import torch
@@ -42,8 +43,8 @@ def test_forward_gemm_matches_the_emulation():
     (vx, sx), (vw, sw) = gemm_operand(x, "vector"), gemm_operand(w, "vector")
     assert hopper.grouped_reason(vx, vw, torch.bfloat16) is None
     got = grouped_gemm(vx, sx, vw, sw, offs, torch.bfloat16)
-    want = _emulated(vx, sx, vw, sw, offs)
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
+    want = _emulated(vx, sx, vw, sw, offs).float()
+    torch.testing.assert_close(got.float(), want, rtol=2**-6, atol=1e-6 * want.abs().max().item())
 
 
 def test_e4m3_gradient_gemm_matches_the_emulation():
@@ -54,7 +55,8 @@ def test_e4m3_gradient_gemm_matches_the_emulation():
     offs = _offs(seed=1)
     one = r.new_ones(())
     got = grouped_gemm(g, r, vw.mT, one, offs, torch.bfloat16)
-    torch.testing.assert_close(got.float(), _emulated(g, r, vw.mT, one, offs).float(), rtol=2**-7, atol=0)
+    want = _emulated(g, r, vw.mT, one, offs).float()
+    torch.testing.assert_close(got.float(), want, rtol=2**-6, atol=1e-3 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("grad_dtype", ["float8_e5m2", "float8_e4m3fn"])
