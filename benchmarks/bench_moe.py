@@ -67,7 +67,8 @@ def main():
     p.set_defaults(variants="bf16_eager,bf16_inductor,fp4_occ_off,fp4_occ_on")
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3")
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--grad-dtype", default=None, help="the fp4 variants' grad_dtype (default: the recipe's float8_e5m2)")
+    p.add_argument("--grad-dtype", default=None,
+                   help="the fp4 variants' grad_dtype (default: the recipe's float8_e5m2)")
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()
     hidden, experts, intermediate, top_k = SHAPES[args.shape]

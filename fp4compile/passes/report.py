@@ -61,7 +61,8 @@ def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
     k = _hint(site.reduction)
     if site.op == "grouped_mm":
         out = example(site.node)
-        reason = hopper.grouped_device_reason(a.device.type, capability, out.dtype, _hint(b.shape[-1]), k)
+        out_dtype = out.dtype if out is not None else a.dtype
+        reason = hopper.grouped_device_reason(a.device.type, capability, out_dtype, _hint(b.shape[-1]), k)
         path = "hopper_fp8_grouped" if reason is None else "emulated"
     elif b.dim() > 2 and site.op != "linear":
         path, reason = "emulated", "a batched right operand (torch._scaled_mm takes 2-D matrices)"

@@ -9,14 +9,15 @@ dX = dY @ W_e, W's scale of row n of expert e(s) multiplies dY[s, n]; for dW_e =
 per-token scale multiplies dY[s, :], and dY^T is then quantized per feature over all tokens, a scale
 that factors out of every expert's product.
 
-The grouped GEMMs, by device (``plan``):
+The grouped GEMMs, by device (``hopper.grouped_device_reason`` says which, also for the report):
 - sm_90, sm_100: ``torch._scaled_grouped_mm`` on FP8 tensor cores (float8_e4m3fn operands only, row-wise
   FP32 scales, BF16 output): the forward (E2M1 values are exact in E4M3), and dX when dY is quantized
   to float8_e4m3fn. Its BF16 output is the rounding the op's BF16 result takes anyway.
 - elsewhere, and for dY in float8_e5m2, dW (groups cut the reduction dim) and float32 outputs: the
   emulation ``grouped_mm_fp32``, a loop of FP32 GEMMs over the groups inside a custom op (one node in
-  the graph, so the data-dependent offsets cause no graph break). Products of E2M1 and FP8 values are
-  exact in FP32, so it differs from a per-expert FP32 reference only by summation order.
+  the graph, so the data-dependent offsets cause no graph break; on CUDA it costs one device-to-host
+  copy of offs). Products of E2M1 and FP8 values are exact in FP32 (and in TF32, where a user allows
+  it), so it differs from a per-expert FP32 reference only by summation order.
 Rows past offs[-1] belong to no expert: the emulation gives them zeros (torch._grouped_mm leaves them
 unwritten).
 """
@@ -43,7 +44,9 @@ def grouped_mm_fp32(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> tor
         for e, (s, t) in enumerate(zip(starts, ends)):
             out[s:t] = a[s:t] @ b[e].T
         return out
-    return torch.stack([a[:, s:t] @ b[s:t] for s, t in zip(starts, ends)]) if ends else a.new_zeros(0, a.shape[0], b.shape[1])
+    if not ends:
+        return a.new_zeros(0, a.shape[0], b.shape[1])
+    return torch.stack([a[:, s:t] @ b[s:t] for s, t in zip(starts, ends)])
 
 
 @grouped_mm_fp32.register_fake
@@ -91,9 +94,9 @@ def high_precision_grouped(a, b, offs, dtype) -> torch.Tensor:
 def _grad_operand(dy, fold, grad_dtype: str | None, transposed: bool):
     """dY [S, N] (``transposed``: dY^T [N, S]) times ``fold``, quantized per row to FP8 by
     fp8.grad_operands, or unquantized with a unit scale for grad_dtype None: (data, scale)."""
-    if grad_dtype is None:
-        return (dy.mT if transposed else dy).float() * fold, dy.new_ones((), dtype=torch.float32)
     one = dy.new_ones((), dtype=torch.float32)
+    if grad_dtype is None:
+        return (dy.mT if transposed else dy).float() * fold, one
     fold_dx, fold_dw = (one, fold) if transposed else (fold, one)
     dx, dw = grad_operands(dy, fold_dx, fold_dw, get_fp8_dtype(grad_dtype), not transposed, transposed)
     return dw if transposed else dx
@@ -135,7 +138,8 @@ class FP4GroupedMM(torch.autograd.Function):
                 if w_dge is not None:
                     dw = dw * dge_derivative(scaled_domain(w_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(w_dtype)
                 if rx is not None:
-                    dw = dw + grouped_weight_gemm(dy.mT, dy.new_ones((), dtype=torch.float32), rx.to(dy.dtype), offs, w_dtype)
+                    one = dy.new_ones((), dtype=torch.float32)
+                    dw = dw + grouped_weight_gemm(dy.mT, one, rx.to(dy.dtype), offs, w_dtype)
         return dx, dw, None, None
 
 

@@ -116,7 +116,8 @@ def grouped_device_reason(device_type: str, capability, out_dtype: torch.dtype, 
     """Why an [S, K] x [E, N, K] grouped GEMM with ``out_dtype`` output cannot run through
     torch._scaled_grouped_mm on a device of ``capability``, or None (pure: the report calls it too)."""
     if device_type != "cuda" or capability is None or tuple(capability) not in GROUPED_CAPABILITIES:
-        return f"torch._scaled_grouped_mm runs on CUDA sm_90 and sm_100 only, not {device_type} {capability or ''}".rstrip()
+        where = f"{device_type} {capability or ''}".rstrip()
+        return f"torch._scaled_grouped_mm runs on CUDA sm_90 and sm_100 only, not {where}"
     if out_dtype != torch.bfloat16:
         return f"{out_dtype} output: torch._scaled_grouped_mm returns bfloat16 only"
     return shape_reason(None, n, k)
@@ -139,7 +140,7 @@ def scaled_grouped_gemm(a, a_scale, b, b_scale, offs) -> torch.Tensor:
     """(a[s] @ b[e(s)]^T) * a_scale[s] * b_scale[e(s)]^T in BF16 on FP8 tensor cores, for the rows s of
     group e; a [S, K] with an [S, 1] or 0-d scale, b [E, N, K] with an [E, N, 1] or 0-d scale. The
     caller checked ``grouped_reason``. A is row-major, B column-major, as the kernel takes them."""
-    (s, k), (e, n) = a.shape, b.shape[:2]
+    s, (e, n) = a.shape[0], b.shape[:2]
     return torch._scaled_grouped_mm(
         a.contiguous(),
         b.contiguous().mT,
