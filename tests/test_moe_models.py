@@ -191,3 +191,13 @@ node         op          module  shapes                  weight  status   gemm  
 linear       linear      gate    [8, 32] x [4, 32]       B       skipped  -         MoE router (its output picks experts through torch.topk): kept in high precision, as FP8/FP4 MoE recipes do; set quantize_routers=True to quantize it
 _grouped_mm  grouped_mm  None    [16, 32] x [4, 32, 32]  B       fp4      emulated  torch._scaled_grouped_mm runs on CUDA sm_90 and sm_100 only, not cpu
 y            grouped_mm  None    [16, 16] x [4, 16, 32]  B       fp4      emulated  torch._scaled_grouped_mm runs on CUDA sm_90 and sm_100 only, not cpu""")
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "nvidia_nvfp4"])
+def test_other_formats_skip_experts_with_a_reason(recipe):
+    report, _ = rewritten(TinyMoE().bfloat16(), torch.randn(8, 32, dtype=torch.bfloat16),
+                          config=FP4Config.from_recipe_name(recipe))
+    grouped = [s for s in report["sites"] if s["op"] == "grouped_mm"]
+    assert len(grouped) == 2
+    for site in grouped:
+        assert site["status"] == "skipped" and "only format='vector' with backward='fp8'" in site["reason"], site
