@@ -42,6 +42,9 @@ class FP4Config:
         embedding's shape with its output leaving the graph (found by structure, whatever its name).
     quantize_activation_matmuls: also quantize matmuls with no weight operand (attention scores,
         attention x values), with OCC on both operands if occ is on.
+    quantize_routers: also quantize mixture-of-experts routers, the matmuls whose output picks experts
+        through torch.topk (found by that structure, not by name). Off by default, as FP8/FP4 MoE training
+        recipes keep routers in high precision: FP4 router logits change which experts tokens go to.
     dump_dir: write graphs and report.json of every compiled graph under this folder (also set by the
         FP4COMPILE_DUMP_DIR environment variable).
     backward: how the two gradient GEMMs are estimated. "fp8": the paper's (dY in grad_dtype, DGE or
@@ -67,6 +70,7 @@ class FP4Config:
     exclude: ModuleFilter = ()
     quantize_output_heads: bool = False
     quantize_activation_matmuls: bool = False
+    quantize_routers: bool = False
     dump_dir: str | None = None
     backward: str = "fp8"
     hadamard_group: int = 16

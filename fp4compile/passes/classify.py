@@ -4,6 +4,8 @@ A weight is a parameter of the traced model, reached from the operand through vi
 casts: Dynamo passes parameters as placeholders (or get_attr nodes when modules are not inlined).
 """
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -16,6 +18,10 @@ from fp4compile.runtime.formats import get_format
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "type"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.Tensor.to, torch.Tensor.t}
 _VIEW_ATTRS = {"T", "mT", "data"}
+# Ops between a router's matmul and the torch.topk that picks experts from its output.
+_ROUTER_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, torch.nn.functional.sigmoid,
+                     torch.Tensor.to, torch.Tensor.float}
+_ROUTER_METHODS = {"softmax", "sigmoid", "float", "to", "type", "view", "reshape"}
 
 
 def parameters(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, str]:
@@ -51,14 +57,67 @@ def _is_view(node: fx.Node) -> bool:
     return False
 
 
+def _is_expert_gather(node: fx.Node) -> bool:
+    """w[ids] or w.index_select(0, ids) with integer ids: whole matrices of a [E, N, K] parameter picked
+    along dim 0 (MoE experts), each quantized along its own rows, so quantizing after the gather gives
+    the gathered rows of the quantized parameter. Rows picked from a 2-D parameter (an embedding
+    table) stay activations."""
+    if node.op not in ("call_function", "call_method") or len(node.args) < 2:
+        return False
+    source = example(node.args[0])
+    if source is None or source.dim() < 3:
+        return False
+    if node.target in (torch.index_select, torch.Tensor.index_select, "index_select"):
+        dim, index = node.args[1], node.args[2] if len(node.args) > 2 else None
+        return dim == 0 and isinstance(index, fx.Node)
+    if node.target is not operator.getitem:
+        return False
+    index = node.args[1]
+    if isinstance(index, (int, torch.SymInt)):
+        return True
+    value = example(index)
+    return value is not None and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+
+
 def weight_of(node: fx.Node, params: dict[fx.Node, str]) -> str | None:
     """FQN of the parameter behind ``node``, or None for an activation."""
     while isinstance(node, fx.Node):
         if node in params:
             return params[node]
-        if not _is_view(node) or not node.args:
+        if not (_is_view(node) or _is_expert_gather(node)) or not node.args:
             return None
         node = node.args[0]
+    return None
+
+
+def is_router(node: fx.Node) -> bool:
+    """Whether the matmul ``node``'s output picks experts: it reaches torch.topk through softmax, sigmoid,
+    casts and views only (a mixture-of-experts router)."""
+    todo, seen = [node], set()
+    while todo:
+        for user in todo.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in (torch.topk, "topk"):
+                return True
+            if user.target in _ROUTER_FUNCTIONS or user.op == "call_method" and user.target in _ROUTER_METHODS:
+                todo.append(user)
+    return False
+
+
+def _grouped_reason(site: Site, config: FP4Config) -> str | None:
+    """Why a grouped GEMM (torch._grouped_mm) is not rewritten, or None."""
+    a, b = (example(n) for n in site.operands)
+    offs, bias = (site.node.kwargs.get(k, site.node.args[i] if len(site.node.args) > i else None)
+                  for k, i in (("offs", 2), ("bias", 3)))
+    if a.dim() != 2 or b.dim() != 3 or offs is None or bias is not None:
+        return "grouped_mm other than a 2-D input times 3-D weights with offs and no bias"
+    if site.weights[1] is None or site.weights[0] is not None:
+        return "grouped_mm whose right operand is not a parameter (expert weights)"
+    if config.format != "vector" or config.backward != "fp8":
+        return (f"grouped_mm (MoE experts) with format={config.format!r}, backward={config.backward!r}: "
+                "only format='vector' with backward='fp8' is implemented for experts")
     return None
 
 
@@ -75,6 +134,13 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
             return f"{t.dtype} operands (only float16, bfloat16, float32 and float64 are quantized)"
     if site.op != "linear" and (a.dim() < 2 or b.dim() < 2):
         return "a 1-D operand (matrix-vector product)"
+    if site.op == "grouped_mm":
+        reason = _grouped_reason(site, config)
+        if reason:
+            return reason
+    if not config.quantize_routers and is_router(site.node):
+        return ("MoE router (its output picks experts through torch.topk): kept in high precision, as FP8/FP4 "
+                "MoE recipes do; set quantize_routers=True to quantize it")
     if site.weights == (None, None) and not config.quantize_activation_matmuls:
         return "activation x activation matmul (no weight operand); set quantize_activation_matmuls=True to quantize it"
     if not site.module_resolved:

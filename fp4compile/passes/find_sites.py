@@ -30,7 +30,12 @@ FUNCTION_OPS = {
     torch.Tensor.baddbmm: "baddbmm",
     torch.einsum: "einsum",
     torch.functional.einsum: "einsum",
+    torch._grouped_mm: "grouped_mm",
+    torch.nn.functional.grouped_mm: "grouped_mm",
 }
+# Operators (OpOverload or OpOverloadPacket targets) by qualified name: transformers' MoE experts call its
+# own grouped GEMM (same arguments as torch._grouped_mm) for weights that are not BF16 under torch.compile.
+OPERATOR_OPS = {"aten::_grouped_mm": "grouped_mm", "transformers::grouped_mm_fallback": "grouped_mm"}
 METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm"}
 # Positions of (A, B) in each op's arguments.
 OPERAND_POSITIONS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2)}
@@ -81,7 +86,8 @@ def module_of(node: fx.Node) -> tuple[str | None, bool, object]:
 
 def _op_of(node: fx.Node) -> str | None:
     if node.op == "call_function":
-        return FUNCTION_OPS.get(node.target)
+        packet = getattr(node.target, "overloadpacket", node.target)
+        return FUNCTION_OPS.get(node.target) or OPERATOR_OPS.get(getattr(packet, "_qualified_op_name", None))
     if node.op == "call_method":
         return METHOD_OPS.get(node.target)
     return None

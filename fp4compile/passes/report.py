@@ -17,7 +17,7 @@ from torch._logging import trace_structured
 from fp4compile.config import FP4Config
 from fp4compile.passes.find_sites import Site, example
 from fp4compile.passes.names import root_label
-from fp4compile.runtime import gemm
+from fp4compile.runtime import gemm, hopper
 from fp4compile.runtime.ops import parse_einsum
 
 log = logging.getLogger("fp4compile")
@@ -80,6 +80,11 @@ def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
     if site.status != "fp4":
         return None
     a, b = tensors
+    if site.op == "grouped_mm":  # the decision runtime/grouped.py takes, from the same function
+        out = example(site.node)
+        out_dtype = out.dtype if out is not None else a.dtype
+        reason = hopper.grouped_device_reason(*gemm.device_of(a), out_dtype, _hint(b.shape[-1]), _hint(a.shape[-1]))
+        return {"path": "hopper_fp8_grouped" if reason is None else "emulated", "reason": reason}
     path, reason = gemm.plan(*gemm.device_of(a), config.format, *gemm_shapes(site, a, b))
     return {"path": path, "reason": reason}
 

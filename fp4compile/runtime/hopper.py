@@ -115,3 +115,47 @@ def scaled_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) 
         use_fast_accum=False,
     )
     return out.reshape(*a.shape[:-1], n)
+
+
+# torch._scaled_grouped_mm's CUDA kernel runs on these capabilities only (torch 2.11's GroupedBlas.cpp).
+GROUPED_CAPABILITIES = ((9, 0), (10, 0))
+
+
+def grouped_device_reason(device_type: str, capability, out_dtype: torch.dtype, n, k) -> str | None:
+    """Why an [S, K] x [E, N, K] grouped GEMM with ``out_dtype`` output cannot run through
+    torch._scaled_grouped_mm on a device of ``capability``, or None (pure: the report calls it too)."""
+    if device_type != "cuda" or capability is None or tuple(capability) not in GROUPED_CAPABILITIES:
+        where = f"{device_type} {capability or ''}".rstrip()
+        return f"torch._scaled_grouped_mm runs on CUDA sm_90 and sm_100 only, not {where}"
+    if out_dtype != torch.bfloat16:
+        return f"{out_dtype} output: torch._scaled_grouped_mm returns bfloat16 only"
+    return shape_reason(None, n, k)
+
+
+def grouped_reason(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> str | None:
+    """Why a [S, K] x b [E, N, K] (row groups) cannot go to torch._scaled_grouped_mm, or None."""
+    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
+        return f"{a.dtype} x {b.dtype} operands: torch._scaled_grouped_mm takes float8_e4m3fn only"
+    capability = torch.cuda.get_device_capability(a.device) if a.is_cuda else None
+    return grouped_device_reason(a.device.type, capability, out_dtype, b.shape[-2], a.shape[-1])
+
+
+def _scales_as(scale: torch.Tensor, shape) -> torch.Tensor:
+    """A per-row scale (trailing dim 1) or 0-d scale as the contiguous FP32 ``shape`` the kernel takes."""
+    return scale.float().reshape(shape if scale.dim() else ()).expand(shape).contiguous()
+
+
+def scaled_grouped_gemm(a, a_scale, b, b_scale, offs) -> torch.Tensor:
+    """(a[s] @ b[e(s)]^T) * a_scale[s] * b_scale[e(s)]^T in BF16 on FP8 tensor cores, for the rows s of
+    group e; a [S, K] with an [S, 1] or 0-d scale, b [E, N, K] with an [E, N, 1] or 0-d scale. The
+    caller checked ``grouped_reason``. A is row-major, B column-major, as the kernel takes them."""
+    s, (e, n) = a.shape[0], b.shape[:2]
+    return torch._scaled_grouped_mm(
+        a.contiguous(),
+        b.contiguous().mT,
+        _scales_as(a_scale, (s,)),
+        _scales_as(b_scale, (e, n)),
+        offs=offs,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=False,
+    )

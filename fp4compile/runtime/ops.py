@@ -4,6 +4,7 @@ The graph pass replaces a matmul node by a call of its twin with the node's own 
 graph reads like the original. Each twin brings its operands to the A [..., M, K] @ B[..., N, K]^T form.
 """
 
+from fp4compile.runtime.grouped import fp4_grouped_mm
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 
 
@@ -34,6 +35,11 @@ bmm = mm
 
 def baddbmm(spec: MatmulSpec, input, batch1, batch2, *, beta=1, alpha=1):
     return fp4_matmul_nt(batch1, batch2.mT, input, spec)
+
+
+def grouped_mm(spec: MatmulSpec, a, b, offs=None, bias=None, out_dtype=None):
+    # The pass only rewrites a 2-D a, a 3-D weight b, given offs and no bias; out_dtype is in spec.out_dtype.
+    return fp4_grouped_mm(a, b.mT, offs, spec)
 
 
 def parse_einsum(equation: str):
@@ -95,6 +101,7 @@ TWINS = {
     "bmm": bmm,
     "baddbmm": baddbmm,
     "einsum": einsum,
+    "grouped_mm": grouped_mm,
 }
 
 

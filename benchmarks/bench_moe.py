@@ -1,0 +1,121 @@
+"""A mixture-of-experts layer, forward + backward in BF16, side by side: BF16 eager, BF16 torch.compile
+(inductor) and fp4compile's paper recipe with OCC off and on (``--variants``; benchmarks/common.py lists
+them). The layer is transformers' ``grouped_mm`` experts written out: a router (kept in BF16 by the fp4
+backend), tokens sorted by expert, and two grouped GEMMs (``torch._grouped_mm``) over 3-D expert
+weights with a SwiGLU between them. Shapes (``--shape``): Qwen3-30B-A3B's layer (hidden 2048, 128
+experts of intermediate 768, top-8) or Mixtral-8x7B's (hidden 4096, 8 experts of 14336, top-2). Ratios
+are against BF16 inductor; the top GPU kernels of each compiled variant come from torch.profiler.
+
+The fp4 forward GEMMs run on FP8 tensor cores (torch._scaled_grouped_mm, sm_90 / sm_100); its backward
+GEMMs too only for dX with ``--grad-dtype float8_e4m3fn`` (the kernel takes E4M3 only); the rest is the
+FP32 per-expert emulation (runtime/grouped.py), which the numbers show.
+
+    PYTHONPATH=. python benchmarks/bench_moe.py --out results/moe.json
+"""
+
+import functools
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fp4compile
+from common import VARIANTS, model_parser, prepare, print_table, report, short_error, time_ms, top_kernels
+from fp4compile import FP4Config
+
+SHAPES = {  # hidden, experts, intermediate, top-k
+    "qwen3": (2048, 128, 768, 8),
+    "mixtral": (4096, 8, 14336, 2),
+}
+
+
+class MoE(torch.nn.Module):
+    def __init__(self, hidden, experts, intermediate, top_k):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * intermediate, hidden) / hidden**0.5)
+        self.down_proj = torch.nn.Parameter(torch.randn(experts, hidden, intermediate) / intermediate**0.5)
+        self.top_k = top_k
+
+    def forward(self, x):
+        weights, ids = torch.topk(torch.softmax(self.gate(x), -1, dtype=torch.float32), self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        ids, perm = torch.sort(ids.reshape(-1))
+        experts = self.gate_up_proj.shape[0]
+        counts = torch.histc(ids.float(), bins=experts, min=0, max=experts - 1)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = torch._grouped_mm(x[perm // self.top_k], self.gate_up_proj.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        y = y * weights.reshape(-1)[perm, None].to(y.dtype)
+        out = torch.empty_like(y)
+        out[perm] = y
+        return out.view(x.shape[0], self.top_k, -1).sum(1)
+
+
+def _backend(model, variant, args):
+    """common.prepare's backend, with --grad-dtype in the fp4 variants' config."""
+    config = VARIANTS.get(variant)
+    if not (args.grad_dtype and isinstance(config, FP4Config)):
+        return prepare(model, variant, args.fp4_options)
+    fp4 = fp4compile.backend(config.replace(grad_dtype=args.grad_dtype))
+    return functools.partial(fp4, options=args.fp4_options) if args.fp4_options else fp4
+
+
+def main():
+    p = model_parser(__doc__, "results/moe.json")
+    p.set_defaults(variants="bf16_eager,bf16_inductor,fp4_occ_off,fp4_occ_on")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--grad-dtype", default=None,
+                   help="the fp4 variants' grad_dtype (default: the recipe's float8_e5m2)")
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    hidden, experts, intermediate, top_k = SHAPES[args.shape]
+    x = torch.randn(args.tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(args.tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    flop = 3 * 2 * args.tokens * top_k * hidden * 3 * intermediate  # 2 grouped GEMMs (3I wide) fwd, twice that bwd
+
+    rows, profiles = [], {}
+    for variant in args.variants.split(","):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = MoE(hidden, experts, intermediate, top_k).cuda().bfloat16()
+        backend = _backend(model, variant, args)
+        fn = torch.compile(model, backend=backend) if backend else model
+
+        def step(fn=fn, model=model):
+            x.grad = None
+            model.zero_grad(set_to_none=True)
+            fn(x).backward(dy)
+
+        try:
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+        except Exception as e:  # a variant that fails to compile or run is reported, not fatal
+            rows.append({"variant": variant, "error": short_error(e)})
+            continue
+        first_s = time.perf_counter() - start
+        torch.cuda.reset_peak_memory_stats()
+        t = time_ms(step, warmup=2, iters=args.iters)
+        fwd = time_ms(functools.partial(fn, x), warmup=1, iters=args.iters)["median_ms"]
+        rows.append({"variant": variant, "ms": t["median_ms"], "fwd ms": fwd, "bwd ms": t["median_ms"] - fwd,
+                     "spread ms": t["max_ms"] - t["min_ms"], "TFLOP/s": flop / t["median_ms"] / 1e9,
+                     "peak GiB": torch.cuda.max_memory_allocated() / 2**30, "first call s": first_s})
+        if variant != "bf16_eager":
+            profiles[variant] = top_kernels(step)
+    base = next((r["ms"] for r in rows if r["variant"] == "bf16_inductor"), None)
+    for r in rows:
+        if base and "ms" in r:
+            r["vs bf16 inductor"] = base / r["ms"]
+    title = (f"MoE layer ({args.shape}: hidden {hidden}, {experts} experts of {intermediate}, top-{top_k}) fwd+bwd, "
+             f"{args.tokens} tokens")
+    columns = ["variant", "ms", "fwd ms", "bwd ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB",
+               "first call s", "error"]
+    print_table(rows, columns, title)
+    report(args, rows, profiles)
+
+
+if __name__ == "__main__":
+    main()
