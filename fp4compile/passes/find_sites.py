@@ -84,7 +84,8 @@ def module_of(node: fx.Node) -> tuple[str | None, bool, object]:
     return clean_fqn(path) or None, False, None
 
 
-def _op_of(node: fx.Node) -> str | None:
+def op_of(node: fx.Node) -> str | None:
+    """The matmul op a node calls ("linear", "grouped_mm", ...), None for any other node."""
     if node.op == "call_function":
         packet = getattr(node.target, "overloadpacket", node.target)
         return FUNCTION_OPS.get(node.target) or OPERATOR_OPS.get(getattr(packet, "_qualified_op_name", None))
@@ -126,7 +127,7 @@ def _reduction(site: Site):
 def find_sites(graph: fx.Graph, subgraph: str | None = None) -> list[Site]:
     sites = []
     for node in graph.nodes:
-        op = _op_of(node)
+        op = op_of(node)
         if op is None:
             continue
         module, resolved, root = module_of(node)

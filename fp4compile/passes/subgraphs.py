@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from fp4compile.passes.classify import weight_of
-from fp4compile.passes.find_sites import FUNCTION_OPS, METHOD_OPS
+from fp4compile.passes.find_sites import op_of
 
 # HOPs whose subgraphs are rewritten: each subgraph takes the op's arguments after it (flattened) as its
 # placeholders, and AOTAutograd traces the FP4 autograd function in it like any other (tests/test_subgraphs.py).
@@ -98,7 +98,7 @@ def subgraphs(gm: fx.GraphModule, params: dict[fx.Node, str]) -> list[Subgraph]:
 
 
 def matmul_nodes(gm: fx.GraphModule, path: str | None = None, seen=None) -> set[tuple[str | None, str]]:
-    """(subgraph path, node name) of every matmul-like node, by find_sites' tables, in ``gm`` and every
+    """(subgraph path, node name) of every matmul-like node, by find_sites.op_of, in ``gm`` and every
     GraphModule a ``get_attr`` of it names, recursively: found without the walk above (whatever op uses
     the subgraph), so a subgraph the walk misses shows. Dynamo may leave a subgraph it inlined registered
     but unused: only referenced ones count."""
@@ -106,9 +106,7 @@ def matmul_nodes(gm: fx.GraphModule, path: str | None = None, seen=None) -> set[
     seen.add(id(gm))
     found = set()
     for node in gm.graph.nodes:
-        if (node.op == "call_function" and node.target in FUNCTION_OPS) or (
-            node.op == "call_method" and node.target in METHOD_OPS
-        ):
+        if op_of(node) is not None:
             found.add((path, node.name))
         elif node.op == "get_attr":
             child = attrgetter(node.target)(gm)
