@@ -19,7 +19,8 @@ from fp4compile.runtime.quantize import fake_quantize, gemm_operand
     [
         ((10, 0), "mxfp4", "blackwell_fp4"),
         ((10, 0), "nvfp4", "blackwell_fp4"),
-        ((10, 0), "vector", "hopper_fp8"),  # FP8 tensor cores on Blackwell too
+        ((10, 0), "vector", "blackwell_fp4"),  # unit block scales, row scales in the epilogue
+        ((10, 0), "tensor", "hopper_fp8"),
         ((9, 0), "mxfp4", "hopper_fp8"),
         ((9, 0), "nvfp4", "bf16_exact"),
         (None, "mxfp4", "emulated"),
@@ -59,22 +60,22 @@ def test_scaled_gemm_rounds_once_to_out_dtype(out_dtype):
     assert torch.equal(out, gemm.emulated(va, sa, vb, sb).to(out_dtype))
 
 
-@pytest.mark.parametrize("format", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("format", ["vector", "mxfp4", "nvfp4"])
 def test_native_block_forward_wiring(monkeypatch, format):
-    """With the native path forced on (as on sm_100), the forward goes through the block-scaled op, whose
-    CPU implementation decodes and multiplies in FP32: it must give the emulated forward's result."""
+    """With the native path forced on (as on sm_100), the forward goes through the native op, whose CPU
+    implementation decodes and multiplies in FP32: it must give the emulated forward's result."""
     spec = MatmulSpec(FP4Config(format=format, occ=False))
     x, w = torch.randn(40, 64), torch.randn(48, 64)
     expected = fp4_matmul_nt(x, w, None, spec)
     calls = []
-    real = gemm.native_block_gemm
+    real = gemm.native_gemm
 
-    def forced(a, b, fmt, out_dtype):
-        calls.append(fmt)
-        return real(a, b, fmt, out_dtype)
+    def forced(*args):
+        calls.append(args[-2])
+        return real(*args)
 
     monkeypatch.setattr(gemm, "native_block_reason", lambda *args: None)
-    monkeypatch.setattr("fp4compile.runtime.matmul.native_block_gemm", forced)
+    monkeypatch.setattr("fp4compile.runtime.matmul.native_gemm", forced)
     got = fp4_matmul_nt(x, w, None, spec)
     assert calls == [format]
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -115,8 +116,9 @@ def executed(monkeypatch):
     for path in gemm.SCALED_GEMMS:
         monkeypatch.setitem(gemm.SCALED_GEMMS, path, lambda a, sa, b, sb, dtype, path=path: ran.append(path)
                             or gemm.emulated(a, sa, b, sb).to(dtype))
-    real = blackwell.block_scaled_mm
-    monkeypatch.setattr(blackwell, "block_scaled_mm", lambda *args: ran.append("blackwell_fp4") or real(*args))
+    for op in ("block_scaled_mm", "vector_scaled_mm"):
+        real = getattr(blackwell, op)
+        monkeypatch.setattr(blackwell, op, lambda *args, real=real: ran.append("blackwell_fp4") or real(*args))
     return ran
 
 

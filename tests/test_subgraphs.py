@@ -30,7 +30,8 @@ class Block(nn.Module):
 
 
 class Checkpointed(nn.Module):
-    """A block under non-reentrant activation checkpointing (or not), then an output head."""
+    """A block under non-reentrant activation checkpointing (or not), then an output head (found by its
+    log_softmax)."""
 
     def __init__(self, checkpointed=True):
         super().__init__()
@@ -40,7 +41,7 @@ class Checkpointed(nn.Module):
 
     def forward(self, x):
         x = checkpoint(self.block, x, use_reentrant=False) if self.checkpointed else self.block(x)
-        return self.lm_head(x)
+        return torch.log_softmax(self.lm_head(x), -1)
 
 
 class RegionBlock(Block):
@@ -359,7 +360,8 @@ wrap_body_0 = self.wrap_body_0
 tag_activation_checkpoint = torch.ops.higher_order.tag_activation_checkpoint(wrap_body_0, l_x_, l_self_modules_block_modules_up_parameters_weight_, l_self_modules_block_modules_up_parameters_bias_, l_self_modules_block_modules_down_parameters_weight_, l_self_modules_block_modules_down_parameters_bias_, use_reentrant = False)
 x = tag_activation_checkpoint[0]
 linear = torch._C._nn.linear(x, l_self_modules_lm_head_parameters_weight_, l_self_modules_lm_head_parameters_bias_)
-return (linear,)""")
+log_softmax = torch.log_softmax(linear, -1)
+return (log_softmax,)""")
         self.assertExpectedInline(captured["body"], """\
 linear = fp4compile_fp4_linear(l_x_, l_self_modules_block_modules_up_parameters_weight_, l_self_modules_block_modules_up_parameters_bias_)
 relu = torch.relu(linear)
@@ -368,6 +370,6 @@ return (linear_1,)""")
         self.assertExpectedInline(summary_table(captured["report"]), """\
 fp4compile graph_0_0: 2 fp4, 1 skipped
 node                  op      module      shapes              weight  status   gemm      reason
-linear                linear  lm_head     [4, 32] x [16, 32]  B       skipped  -         module 'lm_head' matched by config.exclude
+linear                linear  lm_head     [4, 32] x [16, 32]  B       skipped  -         output head (its output feeds log_softmax): kept in high precision; FP4Config(quantize_output_heads=True) quantizes it
 wrap_body_0.linear    linear  block.up    [4, 32] x [64, 32]  B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
 wrap_body_0.linear_1  linear  block.down  [4, 64] x [32, 64]  B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")

@@ -28,7 +28,9 @@ import torch
 
 from fp4compile.runtime import hopper
 
-BLOCK_FORMATS = ("mxfp4", "nvfp4")
+# Formats whose forward GEMM has a native FP4 kernel on sm_10x: the block formats, and the vector format as
+# unit block scales with its FP32 row scales in the epilogue (kernels/blackwell.py).
+NATIVE_FORMATS = ("vector", "mxfp4", "nvfp4")
 BF16_MIN_CAPABILITY = (8, 0)  # BF16 tensor cores; torch.mm(..., out_dtype=torch.float32) on CUDA
 BF16_EXACT = (torch.bfloat16, *hopper.FP8_DTYPES)  # dtypes whose every value BF16 holds
 
@@ -90,8 +92,8 @@ def device_of(t: torch.Tensor) -> tuple[str, tuple[int, int] | None]:
 def native_block_reason(device_type: str, capability, format: str | None) -> str | None:
     """Why a GEMM of ``format`` operands does not run as a native block-scaled FP4 GEMM (None: it does):
     the capabilities are the kernel's own (``blackwell.NATIVE_MAJORS``)."""
-    if format not in BLOCK_FORMATS:
-        return f"format {format!r} has no block scales for a block-scaled MMA"
+    if format not in NATIVE_FORMATS:
+        return f"format {format!r} has no native FP4 kernel"
     from fp4compile.runtime.kernels import blackwell
 
     if device_type != "cuda" or capability is None or capability[0] not in blackwell.NATIVE_MAJORS:
@@ -142,11 +144,15 @@ def block_gemm(va, oa, vb, ob, format: str, native, out_dtype: torch.dtype) -> t
     return scaled_gemm(va, oa, vb, ob, out_dtype)
 
 
-def native_block_gemm(a: torch.Tensor, b: torch.Tensor, format: str, out_dtype: torch.dtype):
-    """Q(a) @ Q(b)^T for a block format with b 2-D, as a native block-scaled FP4 GEMM."""
+def native_gemm(ca, cb, va, oa, vb, ob, format: str, out_dtype: torch.dtype):
+    """The forward GEMM on sm_10x's native FP4 MMA, b 2-D: the vector format's values va, vb with their
+    row scales oa, ob in the epilogue; a block format's operands ``ca``, ``cb`` quantized by the kernel's
+    own quantizer (to the same values)."""
     from fp4compile.runtime.kernels import blackwell
 
-    return blackwell.block_scaled_matmul(a, b, format, out_dtype, quantizer="triton" if a.is_cuda else "reference")
+    if format == "vector":
+        return blackwell.vector_gemm(va, oa, vb, ob, out_dtype)
+    return blackwell.block_scaled_matmul(ca, cb, format, out_dtype, quantizer="triton" if ca.is_cuda else "reference")
 
 
 def nvfp4_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands, has_fp8_kernels
-from fp4compile.runtime.gemm import block_gemm, native_block_gemm, row_scale_as_columns, scaled_gemm
+from fp4compile.runtime.gemm import block_gemm, native_gemm, row_scale_as_columns, scaled_gemm
 from fp4compile.runtime.occ import occ_clamp
 from fp4compile.runtime.quantize import gemm_operand, scaled_domain
 
@@ -72,9 +72,9 @@ def _grad_operands(dy, ob, oa, grad_dtype, need_a: bool, need_b: bool):
 
 
 def _forward_gemm(ca, va, oa, cb, vb, ob, format, dtype):
-    """The forward GEMM on the path gemm.plan gives: a native block-scaled FP4 GEMM (it quantizes the
-    clamped operands ``ca``, ``cb`` itself, to the same values), else the scaled GEMM of the values."""
-    return block_gemm(va, oa, vb, ob, format, lambda: native_block_gemm(ca, cb, format, dtype), dtype)
+    """The forward GEMM on the path gemm.plan gives: the native FP4 GEMM (gemm.native_gemm), else the
+    scaled GEMM of the values."""
+    return block_gemm(va, oa, vb, ob, format, lambda: native_gemm(ca, cb, va, oa, vb, ob, format, dtype), dtype)
 
 
 class FP4MatmulNT(torch.autograd.Function):
