@@ -40,6 +40,23 @@ def assert_complete(reports):
             assert s["status"] == "fp4" or (s["status"] == "skipped" and s["reason"]), s
 
 
+def train_causal_lm(model, backend, tokens, dump_dir, steps=6):
+    """AdamW steps on one fixed batch of a transformers causal LM compiled with ``backend``: (losses, the
+    reports written under ``dump_dir``, each checked by assert_complete)."""
+    compiled = torch.compile(model, backend=backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = compiled(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    reports = [json.loads(p.read_text()) for p in sorted(dump_dir.glob("*/report.json"))]
+    assert_complete(reports)
+    return losses, reports
+
+
 def readable_code(gm) -> str:
     """gm.code less the signature, placeholder aliases, comments and the `x = None` frees."""
     lines = []

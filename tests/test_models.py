@@ -4,27 +4,15 @@ import json
 
 import pytest
 import torch
-from conftest import assert_complete
+from conftest import train_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
 
-def _train(model, vocab, tmp_path, steps=6):
-    """A few AdamW steps on one fixed batch through torch.compile(backend="fp4"); the losses and the report."""
+def _train(model, vocab, tmp_path):
+    """A few AdamW steps on one fixed batch through torch.compile(backend="fp4"); the losses and the reports."""
     torch.manual_seed(0)
-    tokens = torch.randint(0, vocab, (2, 32))
-    compiled = torch.compile(model, backend="fp4")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = compiled(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/report.json"))]
-    assert_complete(reports)
-    return losses, reports
+    return train_causal_lm(model, "fp4", torch.randint(0, vocab, (2, 32)), tmp_path)
 
 
 def _module_sites(reports):

@@ -2,12 +2,11 @@
 expert weight is an FP4 site reported by its parameter's FQN, routers stay in high precision, and a few
 training steps lower the loss."""
 
-import json
 
 import expecttest
 import pytest
 import torch
-from conftest import rewritten
+from conftest import rewritten, train_causal_lm
 
 import fp4compile
 from fp4compile import FP4Config
@@ -40,17 +39,8 @@ def _train(model, tmp_path, monkeypatch, dtype=torch.float32, steps=6):
     torch.manual_seed(0)
     model = model.to(dtype)
     tokens = torch.randint(0, model.config.vocab_size, (2, 16))
-    compiled = torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = compiled(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    sites = [s for p in sorted(tmp_path.glob("*/report.json")) for s in json.loads(p.read_text())["sites"]]
-    return losses, sites
+    losses, reports = train_causal_lm(model, fp4compile.backend(inner="aot_eager"), tokens, tmp_path, steps)
+    return losses, [s for r in reports for s in r["sites"]]
 
 
 def _assert_experts_fp4_and_routers_skipped(model, sites, op):
