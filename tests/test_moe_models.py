@@ -2,7 +2,6 @@
 expert weight is an FP4 site reported by its parameter's FQN, routers stay in high precision, and a few
 training steps lower the loss."""
 
-
 import expecttest
 import pytest
 import torch
