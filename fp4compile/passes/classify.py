@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import names
-from fp4compile.passes.find_sites import Site, clean_fqn, example
+from fp4compile.passes.find_sites import Site, clean_fqn, example, hint
 from fp4compile.runtime import unbiased
 from fp4compile.runtime.formats import get_format
 
@@ -158,11 +158,6 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
     return None
 
 
-def _value(size) -> int:
-    """A size's value in this trace, without a guard (a symbolic size's hint)."""
-    return size.node.hint if isinstance(size, torch.SymInt) else int(size)
-
-
 def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
     """The unbiased recipes quantize each GEMM along its reduction dim (forward: K; dX: N; dW: the tokens
     M) in blocks or Hadamard groups: raise one error naming every module whose dims do not divide, at
@@ -175,9 +170,9 @@ def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
             continue
         a, b = (example(n) for n in site.operands)
         n = b.shape[0] if site.op == "linear" else b.shape[-1]
-        m = a.shape[-2] if b.dim() > 2 else a.numel() // max(_value(a.shape[-1]), 1)
+        m = a.shape[-2] if b.dim() > 2 else a.numel() // max(hint(a.shape[-1]), 1)
         problems += unbiased.dim_problems(
-            config, site.module, _value(m), _value(n), _value(a.shape[-1]), tiled=site.weights[1] is not None
+            config, site.module, hint(m), hint(n), hint(a.shape[-1]), tiled=site.weights[1] is not None
             and b.dim() == 2, need_dx=a.requires_grad, need_dw=b.requires_grad, tokens_vary=isinstance(m, torch.SymInt))
     if problems:
         raise ValueError("fp4compile cannot apply this recipe to every selected matmul:\n" + "\n".join(problems))

@@ -104,6 +104,11 @@ def _operands(node: fx.Node, op: str):
     return args[i], args[j]
 
 
+def hint(size) -> int:
+    """A size's value in this trace, without adding a guard (a symbolic size's hint)."""
+    return size.node.hint if isinstance(size, torch.SymInt) else int(size)
+
+
 def example(node) -> torch.Tensor | None:
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None

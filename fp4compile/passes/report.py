@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch._logging import trace_structured
 
 from fp4compile.config import FP4Config
-from fp4compile.passes.find_sites import Site, example
+from fp4compile.passes.find_sites import Site, example, hint
 from fp4compile.passes.names import root_label
 from fp4compile.runtime import gemm, hopper
 from fp4compile.runtime.ops import parse_einsum
@@ -48,15 +48,10 @@ def _jsonable(value):
     return repr(value)
 
 
-def _hint(s) -> int:
-    """A size's value for this trace, without adding a guard (a symbolic size's hint)."""
-    return s.node.hint if isinstance(s, torch.SymInt) else int(s)
-
-
 def _prod(sizes) -> int:
     out = 1
     for s in sizes:
-        out *= _hint(s)
+        out *= hint(s)
     return out
 
 
@@ -66,13 +61,13 @@ def gemm_shapes(site: Site, a: torch.Tensor, b: torch.Tensor) -> tuple[tuple, tu
         batch, a_free, b_free, contracted, _ = parse_einsum(site.node.args[0])
         a_terms, b_terms = site.node.args[0].replace(" ", "").partition("->")[0].split(",")
         size = {c: a.shape[a_terms.index(c)] for c in a_terms} | {c: b.shape[b_terms.index(c)] for c in b_terms}
-        lead, k = tuple(_hint(size[c]) for c in batch), _prod(size[c] for c in contracted)
+        lead, k = tuple(hint(size[c]) for c in batch), _prod(size[c] for c in contracted)
         return (*lead, _prod(size[c] for c in a_free), k), (*lead, _prod(size[c] for c in b_free), k)
-    k = _hint(a.shape[-1])
+    k = hint(a.shape[-1])
     n = b.shape[0] if site.op == "linear" else b.shape[-1]
     if b.dim() == 2:  # linear, or a weight-like right operand: A's leading dims flattened into M
-        return (_prod(a.shape) // max(k, 1), k), (_hint(n), k)
-    return tuple(_hint(s) for s in a.shape), (*(_hint(s) for s in b.shape[:-2]), _hint(n), k)
+        return (_prod(a.shape) // max(k, 1), k), (hint(n), k)
+    return tuple(hint(s) for s in a.shape), (*(hint(s) for s in b.shape[:-2]), hint(n), k)
 
 
 def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
@@ -83,7 +78,7 @@ def gemm_plan(site: Site, tensors, config: FP4Config) -> dict | None:
     if site.op == "grouped_mm":  # the decision runtime/grouped.py takes, from the same function
         out = example(site.node)
         out_dtype = out.dtype if out is not None else a.dtype
-        reason = hopper.grouped_device_reason(*gemm.device_of(a), out_dtype, _hint(b.shape[-1]), _hint(a.shape[-1]))
+        reason = hopper.grouped_device_reason(*gemm.device_of(a), out_dtype, hint(b.shape[-1]), hint(a.shape[-1]))
         return {"path": "hopper_fp8_grouped" if reason is None else "emulated", "reason": reason}
     path, reason = gemm.plan(*gemm.device_of(a), config.format, *gemm_shapes(site, a, b))
     return {"path": path, "reason": reason}
