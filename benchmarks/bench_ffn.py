@@ -9,12 +9,11 @@ time goes.
     PYTHONPATH=. python benchmarks/bench_ffn.py --out results/ffn.json
 """
 
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import model_parser, prepare, print_table, report, short_error, time_ms, top_kernels
+from common import model_parser, prepare, report_layer, time_layer
 
 
 class SwiGLU(torch.nn.Module):
@@ -46,42 +45,12 @@ def main():
         model = SwiGLU(args.dim, args.hidden).cuda().bfloat16()
         backend = prepare(model, variant, args.fp4_options)
         fn = torch.compile(model, backend=backend) if backend else model
-
-        def step():
-            x.grad = None
-            model.zero_grad(set_to_none=True)
-            fn(x).backward(dy)
-
-        def forward():
-            fn(x)
-
-        try:
-            start = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-        except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-            rows.append({"variant": variant, "error": short_error(e)})
-            continue
-        first_s = time.perf_counter() - start
         slow = variant in ("fp4_occ_on", "nvidia_nvfp4", "quartet2")
-        torch.cuda.reset_peak_memory_stats()
-        t = time_ms(step, warmup=1 if slow else 3, iters=3 if slow else args.iters)
-        fwd = time_ms(forward, warmup=1, iters=3 if slow else args.iters)["median_ms"]
-        rows.append({"variant": variant, "ms": t["median_ms"], "fwd ms": fwd, "bwd ms": t["median_ms"] - fwd,
-                     "spread ms": t["max_ms"] - t["min_ms"],
-                     "TFLOP/s": flop / t["median_ms"] / 1e9, "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
-                     "first call s": first_s})
-        if variant != "bf16_eager":
-            profiles[variant] = top_kernels(step)
-    base = next((r["ms"] for r in rows if r["variant"] == "bf16_inductor"), None)
-    for r in rows:
-        if base and "ms" in r:
-            r["vs bf16 inductor"] = base / r["ms"]
-    title = f"SwiGLU FFN fwd+bwd, {args.tokens} tokens, d={args.dim}, hidden={args.hidden}"
-    columns = ["variant", "ms", "fwd ms", "bwd ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB",
-               "first call s", "error"]
-    print_table(rows, columns, title)
-    report(args, rows, profiles)
+        row, profile = time_layer(variant, fn, model, x, dy, flop, args.iters, slow)
+        rows.append(row)
+        if profile:
+            profiles[variant] = profile
+    report_layer(args, rows, profiles, f"SwiGLU FFN fwd+bwd, {args.tokens} tokens, d={args.dim}, hidden={args.hidden}")
 
 
 if __name__ == "__main__":

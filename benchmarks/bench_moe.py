@@ -14,13 +14,12 @@ FP32 per-expert emulation (runtime/grouped.py), which the numbers show.
 """
 
 import functools
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fp4compile
-from common import VARIANTS, model_parser, prepare, print_table, report, short_error, time_ms, top_kernels
+from common import VARIANTS, model_parser, prepare, report_layer, time_layer
 from fp4compile import FP4Config
 
 SHAPES = {  # hidden, experts, intermediate, top-k
@@ -84,38 +83,12 @@ def main():
         backend = _backend(model, variant, args)
         fn = torch.compile(model, backend=backend) if backend else model
 
-        def step(fn=fn, model=model):
-            x.grad = None
-            model.zero_grad(set_to_none=True)
-            fn(x).backward(dy)
-
-        try:
-            start = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-        except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-            rows.append({"variant": variant, "error": short_error(e)})
-            continue
-        first_s = time.perf_counter() - start
-        torch.cuda.reset_peak_memory_stats()
-        t = time_ms(step, warmup=2, iters=args.iters)
-        fwd = time_ms(functools.partial(fn, x), warmup=1, iters=args.iters)["median_ms"]
-        rows.append({"variant": variant, "ms": t["median_ms"], "fwd ms": fwd, "bwd ms": t["median_ms"] - fwd,
-                     "spread ms": t["max_ms"] - t["min_ms"], "TFLOP/s": flop / t["median_ms"] / 1e9,
-                     "peak GiB": torch.cuda.max_memory_allocated() / 2**30, "first call s": first_s})
-        if variant != "bf16_eager":
-            profiles[variant] = top_kernels(step)
-    base = next((r["ms"] for r in rows if r["variant"] == "bf16_inductor"), None)
-    for r in rows:
-        if base and "ms" in r:
-            r["vs bf16 inductor"] = base / r["ms"]
-    title = (f"MoE layer ({args.shape}: hidden {hidden}, {experts} experts of {intermediate}, top-{top_k}) fwd+bwd, "
-             f"{args.tokens} tokens")
-    columns = ["variant", "ms", "fwd ms", "bwd ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB",
-               "first call s", "error"]
-    print_table(rows, columns, title)
-    report(args, rows, profiles)
-
+        row, profile = time_layer(variant, fn, model, x, dy, flop, args.iters)
+        rows.append(row)
+        if profile:
+            profiles[variant] = profile
+    report_layer(args, rows, profiles, f"MoE layer ({args.shape}: hidden {hidden}, {experts} experts of "
+                 f"{intermediate}, top-{top_k}) fwd+bwd, {args.tokens} tokens")
 
 if __name__ == "__main__":
     main()

@@ -163,6 +163,44 @@ def top_host_ops(fn, n: int = 30) -> dict:
     return {"wall_ms": wall, "self_ms": sum(r["self ms"] for r in rows), "top": rows[:n]}
 
 
+def time_layer(variant: str, fn, model, x, dy, flop: float, iters: int, slow: bool = False):
+    """One layer benchmark's row: fwd+bwd of ``fn(x)`` against ``dy`` (and the forward alone) timed with
+    time_ms after a first call that compiles; (row, profile of one step or None). A variant that fails to
+    compile or run gives a row with its error, not an exception."""
+
+    def step():
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        fn(x).backward(dy)
+
+    try:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+    except Exception as e:
+        return {"variant": variant, "error": short_error(e)}, None
+    first_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    t = time_ms(step, warmup=1 if slow else 3, iters=3 if slow else iters)
+    fwd = time_ms(lambda: fn(x), warmup=1, iters=3 if slow else iters)["median_ms"]
+    row = {"variant": variant, "ms": t["median_ms"], "fwd ms": fwd, "bwd ms": t["median_ms"] - fwd,
+           "spread ms": t["max_ms"] - t["min_ms"], "TFLOP/s": flop / t["median_ms"] / 1e9,
+           "peak GiB": torch.cuda.max_memory_allocated() / 2**30, "first call s": first_s}
+    return row, None if variant == "bf16_eager" else top_kernels(step)
+
+
+def report_layer(args, rows: list[dict], profiles: dict, title: str) -> None:
+    """time_layer's rows with their ratio to bf16_inductor, printed and written (report)."""
+    base = next((r["ms"] for r in rows if r["variant"] == "bf16_inductor"), None)
+    for r in rows:
+        if base and "ms" in r:
+            r["vs bf16 inductor"] = base / r["ms"]
+    columns = ["variant", "ms", "fwd ms", "bwd ms", "spread ms", "TFLOP/s", "vs bf16 inductor", "peak GiB",
+               "first call s", "error"]
+    print_table(rows, columns, title)
+    report(args, rows, profiles)
+
+
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
