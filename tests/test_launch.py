@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from fp4compile.runtime.kernels.launch import _specialization  # noqa: E402
+from fp4compile.runtime.kernels import launch as launch_module  # noqa: E402
+from fp4compile.runtime.kernels.launch import _specialization, launch  # noqa: E402
 
 
 def test_tensors_differ_by_dtype_and_alignment():
@@ -30,3 +31,21 @@ def test_other_arguments_by_value():
     assert _specialization(None) == _specialization(None)
     assert _specialization(True) != _specialization(1)
     assert _specialization(0.5) != _specialization(0.25)
+
+
+def test_a_launcher_without_the_internals_goes_through_the_jit_every_call(monkeypatch):
+    """Where Triton moved the compiled kernel's launcher internals (or under its interpreter, whose JIT call
+    returns None), the fast path is never taken: each launch is the JIT call."""
+    calls = []
+
+    class Kernel:  # a JIT function whose compiled kernel lacks run/function/packed_metadata/launch_metadata
+        arg_names = ["x", "n"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs)) or object()
+
+    monkeypatch.setattr(launch_module, "_compiled", {})
+    fn, x = Kernel(), torch.zeros(4)
+    for _ in range(3):
+        launch(fn, (1,), (x, 4), {}, 4)
+    assert len(calls) == 3 and launch_module._compiled == {(fn, x.device, (_specialization(x), _specialization(4)), (), 4): None}

@@ -5,13 +5,27 @@ the compiled kernel up on every call, several times the host time of the compile
 launcher, and a training step launches hundreds of these kernels (CHANGELOG.md). ``launch`` goes through the JIT once per specialization, then calls the compiled kernel.
 Its key holds everything Triton specializes on (dtypes, pointers' 16-byte alignment, integers equal to
 1, divisible by 16, or beyond int32) and the constexprs, so no call reuses a kernel compiled under
-assumptions its arguments break. Under Triton's interpreter every call goes through the JIT.
+assumptions its arguments break. The fast path calls Triton internals (the compiled kernel's ``run``,
+``function``, ``packed_metadata``, ``launch_metadata`` and ``triton.knobs``' launch hooks, as Triton 3.3-3.9
+have them): where they are missing, and under Triton's interpreter, every call goes through the JIT.
 """
 
 import torch
-from triton import knobs
 
+try:
+    from triton import knobs
+except ImportError:
+    knobs = None
+
+_LAUNCHER = ("run", "function", "packed_metadata", "launch_metadata")
 _compiled = {}
+
+
+def _launcher(kernel):
+    """The compiled kernel if the fast path can call it, else None (every call through the JIT)."""
+    if knobs is None or not all(hasattr(kernel, name) for name in _LAUNCHER):
+        return None
+    return kernel
 
 
 def _specialization(arg):
@@ -28,7 +42,9 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -> No
     key = (fn, args[0].device, tuple(map(_specialization, args)), tuple(constexprs.items()), num_warps)
     kernel = _compiled.get(key)
     if kernel is None:
-        _compiled[key] = fn[grid](*args, **constexprs, num_warps=num_warps)
+        kernel = fn[grid](*args, **constexprs, num_warps=num_warps)
+        if key not in _compiled:
+            _compiled[key] = _launcher(kernel)
         return
     grid = (*grid, 1, 1)[:3]
     stream = torch.cuda.current_stream(args[0].device).cuda_stream
