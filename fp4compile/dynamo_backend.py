@@ -15,23 +15,29 @@ INNER_COMPILERS = ("inductor", "aot_eager")
 
 
 @functools.cache
-def realize_shared_gemm_operands() -> None:
-    """Have Inductor store a quantized operand once when several extern kernels read it (x's FP4 values
-    feed the q, k and v GEMMs and the transpose saved for dW). Inductor gives an extern kernel an input
-    that is not yet a buffer as a copy, fused into the producer as one more store per reader, unless the
-    reader is in its ``needs_realized_inputs`` (as ``aten.mm`` is, ``aten._scaled_mm`` and custom ops are
-    not): then a value with several users becomes one buffer first, if computing it reads more than one
-    buffer (``realize_hint``; on torch 2.11 the values of a SwiGLU output read one, and keep a copy per
-    reader). Changes no numerics; Inductor keeps the set per process, so later compiles with other
-    backends in the process (torchao's float8 uses ``_scaled_mm`` too) see it as well."""
+def prepare_inductor() -> None:
+    """Two additions to Inductor, per process (later compiles with other backends see them too; neither
+    changes numerics):
+
+    - The Triton-kernel operators' lowerings (kernels/triton_operator.py): Inductor launches their kernels
+      from its generated code instead of calling the operator through the dispatcher.
+    - A quantized operand stored once when several extern kernels read it (x's FP4 values feed the q, k and
+      v GEMMs and the transpose saved for dW). Inductor gives an extern kernel an input that is not yet a
+      buffer as a copy, fused into the producer as one more store per reader, unless the reader is in its
+      ``needs_realized_inputs`` (as ``aten.mm`` is, ``aten._scaled_mm`` and custom ops are not): then a
+      value with several users becomes one buffer first, if computing it reads more than one buffer
+      (``realize_hint``; on torch 2.11 the values of a SwiGLU output read one, and keep a copy per reader).
+    """
     from torch._inductor.lowering import add_needs_realized_inputs
 
     ops = [torch.ops.aten._scaled_mm.default]
     if importlib.util.find_spec("triton"):
         from fp4compile.runtime.kernels import fp4_rows_triton, fp8_grad_triton, transpose_triton  # noqa: F401
+        from fp4compile.runtime.kernels.triton_operator import register_lowerings
 
         ops += [torch.ops.fp4compile.fp8_grad_operands.default, torch.ops.fp4compile.transpose_bytes.default,
                 torch.ops.fp4compile.fp4_rows.default]
+        register_lowerings()
     add_needs_realized_inputs(ops)
 
 
@@ -65,7 +71,7 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
         patches = inductor_patches(mode, options) if inner == "inductor" else None
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
-            realize_shared_gemm_operands()
+            prepare_inductor()
             return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(inner)(gm, example_inputs)
 

@@ -296,7 +296,7 @@ def test_sites_sharing_an_input_quantize_and_save_it_once(config):
 
 def test_an_operand_several_gemms_read_is_stored_once():
     """x's FP4 values, read by two _scaled_mm GEMMs (as q/k/v read theirs on the FP8 path), become one
-    buffer: the backend has Inductor realize them (dynamo_backend.realize_shared_gemm_operands) rather
+    buffer: the backend has Inductor realize them (dynamo_backend.prepare_inductor) rather
     than fuse one copy per GEMM into the quantize kernel."""
     from torch._inductor.utils import run_and_get_code
 

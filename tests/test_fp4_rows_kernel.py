@@ -82,10 +82,9 @@ def test_gpu_matches_reference_at_llm_widths():
         assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
 
 
-def test_rows_too_wide_or_strided_name_the_reference():
-    for x in (torch.zeros(2, MAX_K + 1), torch.zeros(8, 4).t()):
-        with pytest.raises(ValueError, match="gemm_operand"):
-            fp4_rows(x)
+def test_rows_too_wide_name_the_reference():
+    with pytest.raises(ValueError, match="gemm_operand"):
+        fp4_rows(torch.zeros(2, MAX_K + 1))
 
 
 @pytest.mark.parametrize("cc", [90, 100])
@@ -100,7 +99,7 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k):
 
     block_m, block_k, warps = rows._launch_shape(k)
     constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k}
-    signature = {"x_ptr": "*bf16", "v_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "stride_x": "i32",
+    signature = {"x_ptr": "*bf16", "v_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32",
                  **{name: "constexpr" for name in constexprs}}
     compiled = triton.compile(ASTSource(rows._fp4_rows_kernel, signature, constexprs=constexprs),
                               target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})

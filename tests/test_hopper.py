@@ -359,10 +359,11 @@ class _SharedInputs(torch.nn.Module):
 
 @needs_fp8
 def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
-    """The FP8 path's custom ops in a compiled step: one FP4 quantize and one transpose of the FP4 values
-    of each input (x for q/k/v, h for gate/up, the SwiGLU output for down: AOTAutograd's CSE merges a
-    shared input's) plus one transpose per weight, and the silu-backward kernel writes dY of gate and of
-    up once each for the FP8 kernel pair (its schema says it only reads them: no copy per kernel)."""
+    """The FP8 path's Triton-kernel operators in a compiled step, launched from Inductor's generated code
+    (no operator call left): one FP4 quantize and one transpose of the FP4 values of each input (x for
+    q/k/v, h for gate/up, the SwiGLU output for down: AOTAutograd's CSE merges a shared input's) plus one
+    transpose per weight, and the silu-backward kernel writes dY of gate and of up once each for the FP8
+    kernel pair (its schema says it only reads them: no copy per kernel)."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -371,9 +372,14 @@ def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
     x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     _, codes = run_and_get_code(lambda: compiled(x).float().square().mean().backward())
     code = "\n".join(codes)
-    assert len(re.findall(r"fp4compile\.transpose_bytes\.default\(", code)) == 3 + 6
-    assert len(re.findall(r"fp4compile\.fp8_grad_operands\.default\(", code)) == 6
-    assert len(re.findall(r"fp4compile\.fp4_rows\.default\(", code)) == 3  # x, h, the SwiGLU output
+
+    def launches(kernel):
+        return len(re.findall(rf"\b{kernel}_\d+\.run\(", code))
+
+    assert "torch.ops.fp4compile" not in code
+    assert launches("_transpose_tiles") == 3 + 6
+    assert launches("_amax_kernel") == launches("_scale_kernel") == launches("_quantize_kernel") == 6
+    assert launches("_fp4_rows_kernel") == 3  # x, h, the SwiGLU output
     kernels = dict(re.findall(r"@triton\.jit\ndef (\w+)\((.*?)\n\'\'\'", code, re.S))
     silu_backward = [source for name, source in kernels.items() if "silu_backward" in name]
     assert len(silu_backward) == 1 and silu_backward[0].count("tl.store(") == 2, silu_backward

@@ -41,7 +41,7 @@ def _activation_operand(x, format: str):
         from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows
 
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[1] <= MAX_K and rows.stride(-1) == 1:
+        if rows.shape[1] <= MAX_K:
             values, scale = fp4_rows(rows)
             return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
     return gemm_operand(x, format)

@@ -6,8 +6,8 @@ reads each row twice and computes the producer twice (for the SwiGLU output: sil
 both inputs, per element, twice), and stores the values once per kernel that reads them: for the
 SwiGLU output that cost more than twice BF16's silu-multiply (CHANGELOG.md). Here the producer is stored once in the activation's dtype, as BF16 stores it,
 and each program holds BLOCK_M whole rows in registers (BLOCK_K, the next power of two of K, at most
-MAX_K). An operator of its own, as kernels/transpose_triton.py says why: AOTAutograd's CSE merges the
-calls for an input several sites share (q/k/v's, gate/up's).
+MAX_K). An operator of kernels/triton_operator.py, as kernels/transpose_triton.py says why: AOTAutograd's
+CSE merges the calls for an input several sites share (q/k/v's, gate/up's).
 """
 
 import torch
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fp4compile.runtime.e2m1 import E2M1_MAX
-from fp4compile.runtime.kernels.launch import launch
+from fp4compile.runtime.kernels.triton_operator import define
 from fp4compile.runtime.kernels.triton_quantize import absmax_scale, e2m1_rne, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
@@ -23,13 +23,13 @@ MAX_K = 16384  # BLOCK_K FP32 values over 8 warps, 64 per thread
 
 
 @triton.jit
-def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, stride_x, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < M
     mask = rmask[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(magnitude_bits(x), axis=1).to(tl.float32, bitcast=True)
     scale, recip = absmax_scale(amax, INV_MAX, MIN_SCALE)
     values = e2m1_rne(x * recip[:, None])
@@ -45,33 +45,22 @@ def _launch_shape(k: int) -> tuple[int, int, int]:
     return block_m, block_k, block_m * block_k // 2048
 
 
-_lib = torch.library.Library("fp4compile", "FRAGMENT")
-_lib.define("fp4_rows(Tensor x) -> (Tensor, Tensor)")
-
-
-def _fp4_rows(x: torch.Tensor):
-    m, k = x.shape
-    if k > MAX_K or x.stride(1) != 1:
-        raise ValueError(f"fp4_rows takes rows of at most {MAX_K} elements with unit column stride, got shape "
-                         f"{tuple(x.shape)} and strides {x.stride()}; quantize.gemm_operand takes any")
-    values = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+def _fp4_rows(ex, x):
+    m, k = ex.size(x)
+    if ex.static(k) > MAX_K:
+        raise ValueError(f"fp4_rows takes rows of at most {MAX_K} elements, got {k}; quantize.gemm_operand takes any")
+    block_m, block_k, warps = _launch_shape(ex.static(k))
+    x = ex.contiguous(x)
+    values, scale = ex.empty((m, k), torch.float8_e4m3fn), ex.empty((m, 1), torch.float32)
     if m:
-        block_m, block_k, warps = _launch_shape(k)
-        launch(_fp4_rows_kernel, (triton.cdiv(m, block_m),), (x, values, scale, m, k, x.stride(0)),
-               {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k}, warps)
+        ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),), {"x_ptr": x, "v_ptr": values, "s_ptr": scale, "M": m, "K": k},
+               {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
+                "num_warps": warps})
     return values, scale
 
 
-_lib.impl("fp4_rows", _fp4_rows, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("fp4compile::fp4_rows")
-def _(x):
-    m, k = x.shape
-    return x.new_empty((m, k), dtype=torch.float8_e4m3fn), x.new_empty((m, 1), dtype=torch.float32)
-
-
-# x [M, K] (CUDA, unit column stride, 0 < K <= MAX_K) -> (E2M1 values in float8_e4m3fn [M, K], FP32 scale
-# [M, 1]): gemm_operand(x, "vector").
-fp4_rows = torch.ops.fp4compile.fp4_rows.default
+# x [M, K] (CUDA, 0 < K <= MAX_K) -> (E2M1 values in float8_e4m3fn [M, K], FP32 scale [M, 1]):
+# gemm_operand(x, "vector").
+fp4_rows = define("fp4_rows(Tensor x) -> (Tensor, Tensor)", _fp4_rows,
+                  lambda x: (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+                             x.new_empty((x.shape[0], 1), dtype=torch.float32)))

@@ -12,17 +12,17 @@ transposed (Triton moves the tile through shared memory, so both stores coalesce
 computed once, not (in float64) in every tile that needs it: replicated per tile, the float64
 divisions bounded pass 2 well below copy bandwidth (CHANGELOG.md).
 
-An operator of its own rather than a ``triton_op``: its schema says dY is only read, so the compiled
-backward writes dY once. Traced as a triton_op, each kernel's inputs went through Inductor's analysis of
-what a kernel mutates, and the compiled backward stored dY once per kernel (CHANGELOG.md).
-Defined with ``torch.library.Library``, as kernels/transpose_triton.py says why.
+An operator of kernels/triton_operator.py rather than a ``triton_op``: its schema says dY is only read,
+so the compiled backward writes dY once (traced as a triton_op, each kernel's inputs went through torch's
+analysis of what a kernel mutates, and the compiled backward stored dY once per kernel: CHANGELOG.md);
+Inductor launches the three kernels from its generated code.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fp4compile.runtime.kernels.launch import launch
+from fp4compile.runtime.kernels.triton_operator import define
 from fp4compile.runtime.kernels.triton_quantize import absmax_scale, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
@@ -56,9 +56,11 @@ def _amax_kernel(x_ptr, fc_ptr, fr_ptr, amax_ptr, M, N, BLOCK_M: tl.constexpr, B
 @triton.jit
 def _scale_kernel(amax_ptr, recip_ptr, dx_scale_ptr, dw_scale_ptr, M, N, INV_MAX: tl.constexpr,
                   MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """Each amax's scale as fp8.quantize_fp8_rows computes it, and the scale's reciprocal."""
+    """Each amax (as the int32 bits _amax_kernel maxed) as a scale, as fp8.quantize_fp8_rows computes it,
+    and the scale's reciprocal."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    s, recip = absmax_scale(tl.load(amax_ptr + i, mask=i < M + N, other=0.0), INV_MAX, MIN_SCALE)
+    amax = tl.load(amax_ptr + i, mask=i < M + N, other=0).to(tl.float32, bitcast=True)
+    s, recip = absmax_scale(amax, INV_MAX, MIN_SCALE)
     tl.store(recip_ptr + i, recip, mask=i < M + N)
     tl.store(dx_scale_ptr + i, s, mask=i < M)
     tl.store(dw_scale_ptr + i - M, s, mask=(i >= M) & (i < M + N))
@@ -78,36 +80,26 @@ def _quantize_kernel(x_ptr, fc_ptr, fr_ptr, recip_ptr, dx_ptr, dw_ptr, M, N, BLO
     tl.store(dw_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(dw), mask=tl.trans(mask))
 
 
-_lib = torch.library.Library("fp4compile", "FRAGMENT")
-_lib.define("fp8_grad_operands(Tensor dy, Tensor fold_cols, Tensor fold_rows, ScalarType dtype)"
-            " -> (Tensor, Tensor, Tensor, Tensor)")
-
-
-def _fp8_grad_operands(dy: torch.Tensor, fold_cols: torch.Tensor, fold_rows: torch.Tensor, dtype: torch.dtype):
-    m, n = dy.shape
-    dy = dy.contiguous()
-    dx, dw = torch.empty((m, n), dtype=dtype, device=dy.device), torch.empty((n, m), dtype=dtype, device=dy.device)
-    dx_scale = torch.empty((m, 1), dtype=torch.float32, device=dy.device)
-    dw_scale = torch.empty((n, 1), dtype=torch.float32, device=dy.device)
-    work = torch.zeros(2 * (m + n), dtype=torch.int32, device=dy.device)  # one allocation for both
-    amax, recip = work[: m + n], work[m + n :].view(torch.float32)
+def _fp8_grad_operands(ex, dy, fold_cols, fold_rows, dtype: torch.dtype):
+    m, n = ex.size(dy)
+    dy, fold_cols, fold_rows = ex.contiguous(dy), ex.contiguous(fold_cols), ex.contiguous(fold_rows)
+    dx, dw = ex.empty((m, n), dtype), ex.empty((n, m), dtype)
+    dx_scale, dw_scale = ex.empty((m, 1), torch.float32), ex.empty((n, 1), torch.float32)
+    amax, recip = ex.zeros((m + n,), torch.int32), ex.empty((m + n,), torch.float32)
+    tiles = {"x_ptr": dy, "fc_ptr": fold_cols, "fr_ptr": fold_rows, "M": m, "N": n}
     bm, bn, warps = AMAX_TILE
-    launch(_amax_kernel, (triton.cdiv(m, bm), triton.cdiv(n, bn)), (dy, fold_cols, fold_rows, amax, m, n),
-           {"BLOCK_M": bm, "BLOCK_N": bn}, warps)
-    launch(_scale_kernel, (triton.cdiv(m + n, _SCALE_BLOCK),),
-           (amax.view(torch.float32), recip, dx_scale, dw_scale, m, n),
-           {"INV_MAX": 1.0 / torch.finfo(dtype).max, "MIN_SCALE": MIN_SCALE, "BLOCK": _SCALE_BLOCK}, 4)
+    ex.run(_amax_kernel, (ex.cdiv(m, bm), ex.cdiv(n, bn)), {**tiles, "amax_ptr": amax},
+           {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps})
+    ex.run(_scale_kernel, (ex.cdiv(m + n, _SCALE_BLOCK),),
+           {"amax_ptr": amax, "recip_ptr": recip, "dx_scale_ptr": dx_scale, "dw_scale_ptr": dw_scale, "M": m, "N": n},
+           {"INV_MAX": 1.0 / torch.finfo(dtype).max, "MIN_SCALE": MIN_SCALE, "BLOCK": _SCALE_BLOCK, "num_warps": 4})
     bm, bn, warps = QUANTIZE_TILE
-    launch(_quantize_kernel, (triton.cdiv(m, bm), triton.cdiv(n, bn)), (dy, fold_cols, fold_rows, recip, dx, dw, m, n),
-           {"BLOCK_M": bm, "BLOCK_N": bn}, warps)
+    ex.run(_quantize_kernel, (ex.cdiv(m, bm), ex.cdiv(n, bn)), {**tiles, "recip_ptr": recip, "dx_ptr": dx, "dw_ptr": dw},
+           {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps})
     return dx, dx_scale, dw, dw_scale
 
 
-_lib.impl("fp8_grad_operands", _fp8_grad_operands, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("fp4compile::fp8_grad_operands")
-def _(dy, fold_cols, fold_rows, dtype):
+def _fake(dy, fold_cols, fold_rows, dtype):
     m, n = dy.shape
     return (dy.new_empty((m, n), dtype=dtype), dy.new_empty((m, 1), dtype=torch.float32),
             dy.new_empty((n, m), dtype=dtype), dy.new_empty((n, 1), dtype=torch.float32))
@@ -115,4 +107,5 @@ def _(dy, fold_cols, fold_rows, dtype):
 
 # dY [M, N] (CUDA, M, N > 0), fold_cols [N] and fold_rows [M] (FP32, contiguous) -> (dX operand [M, N], its
 # scale [M, 1], dW operand [N, M], its scale [N, 1]), FP8 ``dtype`` data and FP32 scales.
-fp8_grad_operands = torch.ops.fp4compile.fp8_grad_operands.default
+fp8_grad_operands = define("fp8_grad_operands(Tensor dy, Tensor fold_cols, Tensor fold_rows, ScalarType dtype)"
+                           " -> (Tensor, Tensor, Tensor, Tensor)", _fp8_grad_operands, _fake)

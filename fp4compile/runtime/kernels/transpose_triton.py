@@ -7,19 +7,17 @@ copy of the same bytes (CHANGELOG.md). Here each program loads a tile along rows
 stores it along rows of the output (Triton moves the tile through shared memory), so both sides
 coalesce.
 
-An operator of its own (not a ``triton_op``): torch.compile sees one opaque call that reads ``x``, so
-AOTAutograd's CSE merges the transposes of a tensor that several sites share (the FP4 values of q/k/v's
-or gate/up's input). A traced triton_op writes into a fresh ``empty`` buffer per call, which CSE never
-merges. Defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: its calls skip
-custom_op's Python autograd layer, about a third of the op's host time per call (CHANGELOG.md); the op
-never sees a tensor that requires grad.
+An operator of kernels/triton_operator.py (not a ``triton_op``): AOTAutograd sees one opaque call that
+reads ``x``, so its CSE merges the transposes of a tensor that several sites share (the FP4 values of
+q/k/v's or gate/up's input), where a traced triton_op writes into a fresh ``empty`` buffer per call that
+CSE never merges; Inductor then launches the kernel from its generated code.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fp4compile.runtime.kernels.launch import launch
+from fp4compile.runtime.kernels.triton_operator import define
 
 _TILE = 128
 
@@ -33,26 +31,17 @@ def _transpose_tiles(x_ptr, y_ptr, R, C, TILE: tl.constexpr):
     tl.store(y_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(tile), mask=tl.trans(mask))
 
 
-_lib = torch.library.Library("fp4compile", "FRAGMENT")
-_lib.define("transpose_bytes(Tensor x) -> Tensor")
-
-
-def _transpose_bytes(x: torch.Tensor) -> torch.Tensor:
-    rows, cols = x.shape
-    out = torch.empty((cols, rows), dtype=x.dtype, device=x.device)
-    if x.numel():
-        grid = (triton.cdiv(rows, _TILE), triton.cdiv(cols, _TILE))
-        launch(_transpose_tiles, grid, (x.view(torch.uint8), out.view(torch.uint8), rows, cols), {"TILE": _TILE}, 4)
+def _transpose_bytes(ex, x):
+    rows, cols = ex.size(x)
+    x = ex.contiguous(x)
+    out = ex.empty((cols, rows), ex.dtype(x))
+    if rows and cols:
+        grid = (ex.cdiv(rows, _TILE), ex.cdiv(cols, _TILE))
+        ex.run(_transpose_tiles, grid, {"x_ptr": ex.as_bytes(x), "y_ptr": ex.as_bytes(out), "R": rows, "C": cols},
+               {"TILE": _TILE, "num_warps": 4})
     return out
 
 
-_lib.impl("transpose_bytes", _transpose_bytes, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("fp4compile::transpose_bytes")
-def _(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[1], x.shape[0]))
-
-
-# x [R, C] (contiguous, 1-byte dtype, CUDA) -> x.t().contiguous() [C, R].
-transpose_bytes = torch.ops.fp4compile.transpose_bytes.default
+# x [R, C] (1-byte dtype, CUDA) -> x.t().contiguous() [C, R].
+transpose_bytes = define("transpose_bytes(Tensor x) -> Tensor", _transpose_bytes,
+                         lambda x: x.new_empty((x.shape[1], x.shape[0])))
