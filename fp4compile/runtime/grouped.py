@@ -13,11 +13,12 @@ The grouped GEMMs, by device (``hopper.grouped_device_reason`` says which, also 
 - sm_90, sm_100: ``torch._scaled_grouped_mm`` on FP8 tensor cores (float8_e4m3fn operands only, row-wise
   FP32 scales, BF16 output): the forward (E2M1 values are exact in E4M3), and dX when dY is quantized
   to float8_e4m3fn. Its BF16 output is the rounding the op's BF16 result takes anyway.
-- elsewhere, and for dY in float8_e5m2, dW (groups cut the reduction dim) and float32 outputs: the
-  emulation ``grouped_mm_fp32``, a loop of FP32 GEMMs over the groups inside a custom op (one node in
-  the graph, so the data-dependent offsets cause no graph break; on CUDA it costs one device-to-host
-  copy of offs). Products of E2M1 and FP8 values are exact in FP32 (and in TF32, where a user allows
-  it), so it differs from a per-expert FP32 reference only by summation order.
+- elsewhere, and for dY in float8_e5m2, dW (groups cut the reduction dim) and float32 outputs:
+  ``grouped_mm_fp32``, a loop over the groups inside a custom op (one node in the graph, so the
+  data-dependent offsets cause no graph break; on CUDA it costs one device-to-host copy of offs) of
+  GEMMs with FP32 accumulation and output: on BF16 tensor cores (sm_80+) where the operands are exact in
+  BF16 (E2M1 and FP8 values are), as gemm's bf16_exact path, else in FP32. The products are exact
+  either way, so it differs from a per-expert FP32 reference only by summation order.
 Rows past offs[-1] belong to no expert: the emulation gives them zeros (torch._grouped_mm leaves them
 unwritten).
 """
@@ -25,28 +26,35 @@ unwritten).
 import torch
 
 from fp4compile.config import FP4Config
-from fp4compile.runtime import hopper
+from fp4compile.runtime import gemm, hopper
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands
 from fp4compile.runtime.matmul import MatmulSpec, _quantize
 from fp4compile.runtime.quantize import scaled_domain
 
 
+def _group_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with FP32 accumulation and output, exact products: on the BF16 tensor cores where both
+    operands are exact in BF16 (FP8 values, E2M1 values, BF16: gemm.bf16_rule), else in FP32."""
+    if gemm.bf16_rule(*gemm.device_of(a), a.dtype, b.dtype, a.shape, b.mT.shape) is None:
+        return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 @torch.library.custom_op("fp4compile::grouped_mm_fp32", mutates_args=())
 def grouped_mm_fp32(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Per-group FP32 GEMMs: a [S, K] x b [E, N, K] -> [S, N] with row groups (NT form), or
+    """Per-group GEMMs with FP32 output: a [S, K] x b [E, N, K] -> [S, N] with row groups (NT form), or
     a [N, S] x b [S, K] -> [E, N, K] with the groups along S (a weight gradient)."""
     ends = offs.tolist()  # one device-to-host copy
     starts = [0, *ends[:-1]]
-    a, b = a.float(), b.float()
     if b.dim() == 3:
-        out = a.new_zeros(a.shape[0], b.shape[1])
+        out = a.new_zeros(a.shape[0], b.shape[1], dtype=torch.float32)
         for e, (s, t) in enumerate(zip(starts, ends)):
-            out[s:t] = a[s:t] @ b[e].T
+            out[s:t] = _group_mm(a[s:t], b[e].T)
         return out
     if not ends:
-        return a.new_zeros(0, a.shape[0], b.shape[1])
-    return torch.stack([a[:, s:t] @ b[s:t] for s, t in zip(starts, ends)])
+        return a.new_zeros(0, a.shape[0], b.shape[1], dtype=torch.float32)
+    return torch.stack([_group_mm(a[:, s:t], b[s:t]) for s, t in zip(starts, ends)])
 
 
 @grouped_mm_fp32.register_fake
