@@ -73,15 +73,16 @@ def doctor(targets: list[str], formats: list[str], verbose: bool = False, out=No
 
     status = 0
     for target in targets:
-        from fp4compile.runtime.kernels import blackwell
+        from fp4compile import aot
+        from fp4compile.runtime.kernels import blackwell_quantize
 
         try:
-            cc = blackwell.parse_target(target)
+            cc = aot.parse_target(target)
         except ValueError as e:
             print(f"error: {e}", file=out)
             return 2
         _print_dispatch("cuda", (cc // 10, cc % 10), f"sm_{cc}", out)
-        if not blackwell.HAS_TRITON:
+        if not blackwell_quantize.HAS_TRITON:
             print(f"error: compiling for sm_{cc} needs triton: pip install triton", file=out)
             return 2
         print(f"Ahead-of-time compile of the block-scaled FP4 kernels for sm_{cc}:", file=out)
@@ -133,14 +134,14 @@ def _compile_in_child(cc: int, formats: list[str]) -> tuple[list[dict], str | No
 
 def _compile_report(cc: int, formats: list[str]) -> None:
     """The child's side of _compile_in_child: one JSON line per kernel and format on stdout."""
-    from fp4compile.runtime.kernels import blackwell
+    from fp4compile import aot
 
-    for kernel in blackwell.KERNELS:
-        for name in (f for f in formats if f in blackwell.KERNEL_FORMATS[kernel]):
+    for kernel in aot.KERNELS:
+        for name in (f for f in formats if f in aot.KERNEL_FORMATS[kernel]):
             row = {"kernel": kernel, "format": name}
             start = time.perf_counter()
             try:
-                result = blackwell.compile_for(f"sm_{cc}", name, kernel)
+                result = aot.compile_for(f"sm_{cc}", name, kernel)
             except Exception as e:
                 row["error"] = f"{e.__class__.__name__}: {str(e).strip()[-500:]}"
             else:

@@ -21,9 +21,11 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime import interpreter  # noqa: E402
 
+from fp4compile import aot  # noqa: E402
 from fp4compile.cli import main  # noqa: E402
-from fp4compile.runtime import gemm  # noqa: E402
+from fp4compile.runtime import e2m1, gemm  # noqa: E402
 from fp4compile.runtime.kernels import blackwell as bw  # noqa: E402
+from fp4compile.runtime.kernels import blackwell_quantize as bq  # noqa: E402
 from fp4compile.runtime.eden import ms_eden_operand  # noqa: E402
 from fp4compile.runtime.quantize import fake_quantize, gemm_operand, tiles_operand  # noqa: E402
 
@@ -54,12 +56,12 @@ def same_values(got: torch.Tensor, want: torch.Tensor) -> bool:
      ("vector", "kind::mxf4.block_scale", 32)],  # vector: unit E8M0 scales made in the kernel, same FP4 MMA
 )
 def test_aot_sm100_lowers_to_native_fp4_mma(format, kind, block):
-    result = bw.compile_for("sm_100", format)
+    result = aot.compile_for("sm_100", format)
     assert result.target == "sm_100" and result.format == format
     assert result.native, result.mma_instructions
     assert result.mma_instructions and all(op.startswith("tcgen05.mma") for op in result.mma_instructions)
     assert any(kind in op for op in result.mma_instructions), result.mma_instructions
-    assert all(bw.mma_block_size(op) == block for op in result.mma_instructions)
+    assert all(aot.mma_block_size(op) == block for op in result.mma_instructions)
     assert result.mma_lines and all(kind in line for line in result.mma_lines)
     assert result.cubin_size > 0
     assert kind in result.ptx and ".target sm_100" in result.ptx
@@ -67,7 +69,7 @@ def test_aot_sm100_lowers_to_native_fp4_mma(format, kind, block):
 
 @pytest.mark.parametrize("format", ["mxfp4", "nvfp4"])
 def test_aot_sm100_quantize_kernel_compiles(format):
-    result = bw.compile_for("sm_100", format, "quantize")
+    result = aot.compile_for("sm_100", format, "quantize")
     assert result.kernel == "quantize" and result.cubin_size > 0 and not result.mma_instructions
     if format == "nvfp4":
         assert "div.rn.f32" in result.ptx  # IEEE divisions, as the reference quantizer's
@@ -75,18 +77,18 @@ def test_aot_sm100_quantize_kernel_compiles(format):
 
 def test_wrong_format_string_errors():
     with pytest.raises(ValueError, match="unknown FP4 format 'mxfp8'"):
-        bw.compile_for("sm_100", "mxfp8")
+        aot.compile_for("sm_100", "mxfp8")
     with pytest.raises(ValueError, match="the gemm kernel takes the formats"):
-        bw.compile_for("sm_100", "tensor")
+        aot.compile_for("sm_100", "tensor")
     with pytest.raises(ValueError, match="the quantize kernel takes the formats"):
-        bw.compile_for("sm_100", "vector", "quantize")
+        aot.compile_for("sm_100", "vector", "quantize")
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="unknown FP4 format 'nvfp8'"):
-        bw.pack_operand(x, "nvfp8")
+        bq.pack_operand(x, "nvfp8")
     with pytest.raises(ValueError, match="block-scaled formats only"):
         bw.block_scaled_matmul(x, x, "tensor")
     with pytest.raises(ValueError, match="target must look like 'sm_100'"):
-        bw.compile_for("hopper", "mxfp4")
+        aot.compile_for("hopper", "mxfp4")
 
 
 @pytest.mark.parametrize("format, block", [("mxfp4", 32), ("nvfp4", 16)])
@@ -96,14 +98,14 @@ def test_k_not_divisible_by_block_errors(format, block):
     with pytest.raises(ValueError, match=f"not a multiple of {block}"):
         bw.block_scaled_matmul(x, w, format)
     with pytest.raises(ValueError, match=f"not a multiple of {block}"):
-        bw.pack_operand(x, format)
+        bq.pack_operand(x, format)
     # Packed operands whose K breaks the block size reach the op itself: the same clear error.
-    qa = bw.pack_operand(torch.randn(4, 2 * block), format)
+    qa = bq.pack_operand(torch.randn(4, 2 * block), format)
     cut = qa.packed[:, : k // 2 - block]  # K = 2 * (k // 2 - block), not a multiple of block
     with pytest.raises(ValueError, match=f"not a multiple of {block}"):
         bw.block_scaled_mm(cut, qa.scales, cut, qa.scales, qa.tensor_scale, qa.tensor_scale, format)
     with pytest.raises(ValueError, match="BLOCK_K must be a multiple of 64"):
-        bw.compile_for("sm_100", format, BLOCK_K=96)
+        aot.compile_for("sm_100", format, BLOCK_K=96)
 
 
 def test_doctor_target_sm100_exit_code(capsys):
@@ -127,7 +129,7 @@ def test_doctor_compiler_abort_exits_2_with_one_line(monkeypatch, capsys):
     """LLVM aborts the compiling process on some inputs: the doctor compiles in a child and reports it."""
     import subprocess
 
-    bw.compilable_targets()  # cached before run() is replaced
+    aot.compilable_targets()  # cached before run() is replaced
     stderr = "'sm_1000a' is not a recognized processor\nLLVM ERROR: Cannot select: intrinsic %llvm.nvvm.x\n"
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -6, "", stderr))
     assert main(["doctor", "--target", "sm_100"]) == 2
@@ -205,7 +207,7 @@ def _quantize_cases() -> dict:
     same = {}
     for name, x in _quantize_inputs():
         for format in ("mxfp4", "nvfp4"):
-            ref, got = bw.pack_operand(x, format), bw.quantize_triton(x, format, BLOCK_R=16, BLOCK_K=64)
+            ref, got = bq.pack_operand(x, format), bq.quantize_triton(x, format, BLOCK_R=16, BLOCK_K=64)
             same[f"{format} {name}"] = (
                 torch.equal(ref.packed, got.packed)
                 and torch.equal(ref.scales.view(torch.uint8), got.scales.view(torch.uint8))
@@ -214,7 +216,7 @@ def _quantize_cases() -> dict:
     x = torch.randn(4, 64)
     x[1, 3], x[2, 40] = float("nan"), float("inf")
     for format in ("mxfp4", "nvfp4"):
-        ref, got = bw.pack_operand(x, format), bw.quantize_triton(x, format)
+        ref, got = bq.pack_operand(x, format), bq.quantize_triton(x, format)
         same[f"{format} nan_inf"] = torch.equal(ref.scales.view(torch.uint8), got.scales.view(torch.uint8)) and (
             ref.tensor_scale is None or (ref.tensor_scale.isnan() and got.tensor_scale.isnan()).item())
     return same
@@ -243,7 +245,7 @@ def _vector_interpret_cases() -> dict:
     same, gen = {}, torch.Generator().manual_seed(7)
     for m, n, k, bm, bn, bk in VECTOR_CASES:
         xv, xs, wv, ws = _vector_operands(m, n, k, gen)
-        (pa, sa), (pb, sb) = bw.split_vector(xv, xs), bw.split_vector(wv, ws)
+        (pa, sa), (pb, sb) = bq.split_vector(xv, xs), bq.split_vector(wv, ws)
         out = torch.full((m, n), float("nan"))
         bw.launch(pa, sa, pb, sb, None, None, "vector", out, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2)
         want = gemm.emulated(xv, xs, wv, ws)
@@ -266,8 +268,8 @@ def _interpret_cases() -> dict:
             for m, n, k, bm, bn, bk in INTERPRET_CASES:
                 x = torch.randn(m, k, generator=gen) * torch.exp2(torch.randint(-6, 6, (m, 1), generator=gen))
                 w = torch.randn(n, k, generator=gen)
-                x[0, : bw.BLOCK_FORMATS[format].block_size] = 0  # an all-zero block
-                qa, qb = bw.pack_operand(x, format), bw.pack_operand(w, format)
+                x[0, : bq.BLOCK_FORMATS[format].block_size] = 0  # an all-zero block
+                qa, qb = bq.pack_operand(x, format), bq.pack_operand(w, format)
                 out = torch.full((m, n), float("nan"))
                 bw.launch(qa.packed, qa.scales, qb.packed, qb.scales, qa.tensor_scale, qb.tensor_scale, format,
                           out, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2)
@@ -343,9 +345,9 @@ def test_split_vector_round_trip(seed, m, k, shift):
     if m > 2:
         x[2, k - 1] = torch.nan
     values, scale = gemm_operand(x, "vector")
-    packed, s = bw.split_vector(values, scale)
+    packed, s = bq.split_vector(values, scale)
     assert packed.dtype == torch.uint8 and packed.shape == (m, (k + 1) // 2) and s.shape == (m,)
-    decoded = bw.e2m1.decode_e2m1(bw.e2m1.unpack_e2m1(packed))
+    decoded = e2m1.decode_e2m1(e2m1.unpack_e2m1(packed))
     assert (decoded[:, k:] == 0).all()
     assert bits_equal(decoded[:, :k] * s[:, None], values.float() * scale, False)
     assert m <= 2 or s[2].isnan()
@@ -363,7 +365,7 @@ def test_cpu_vector_op_and_compile():
     assert out.shape == (2, 5, 24) and same_values(out, gemm.emulated(xv, xs, wv, ws).bfloat16())
     (tv, ts) = gemm_operand(x, "tensor")
     assert same_values(bw.vector_gemm(tv, ts, wv, ws), gemm.emulated(tv, ts, wv, ws))
-    (pa, sa), (pb, sb) = bw.split_vector(xv[0], xs[0]), bw.split_vector(wv, ws)
+    (pa, sa), (pb, sb) = bq.split_vector(xv[0], xs[0]), bq.split_vector(wv, ws)
     with pytest.raises(ValueError, match=r"a_row_scale must be FP32 \[5\]"):
         bw.vector_scaled_mm(pa, xs[0], pb, sb)
     with pytest.raises(TypeError, match="split_vector makes them"):
@@ -386,7 +388,7 @@ def test_cpu_op_and_compile_match_reference():
         out = bw.block_scaled_matmul(x, w, format)
         assert out.shape == (2, 5, 24)
         assert ((out - xq @ wq.T).abs() <= fp32_tolerance(xq.reshape(-1, 128), wq).reshape(2, 5, 24)).all()
-    qa, qb = bw.pack_operand(x[0], "mxfp4"), bw.pack_operand(w, "mxfp4")
+    qa, qb = bq.pack_operand(x[0], "mxfp4"), bq.pack_operand(w, "mxfp4")
     args = (qa.packed, qa.scales, qb.packed, qb.scales, None, None, "mxfp4")
     # aot_eager: traces the triton_op through AOTAutograd as Inductor would, without a C++ build on CPU.
     compiled = torch.compile(lambda *a: torch.ops.fp4compile.block_scaled_mm(*a), backend="aot_eager",
@@ -414,9 +416,9 @@ def test_split_nvfp4_recovers_codes_and_scales_exactly(seed, shift, rounding):
     else:
         values, _ = gemm_operand(x, "nvfp4", rounding, gen)
     values[2, 20], values[3, 40] = torch.nan, torch.inf  # a diverged gradient must stay poisoned
-    packed, scales = bw.split_nvfp4(values)
+    packed, scales = bq.split_nvfp4(values)
     assert packed.dtype == torch.uint8 and scales.dtype == torch.float8_e4m3fn and scales.shape == (32, 4)
-    decoded, finite = bw.unpack_operand(bw.PackedOperand(packed, scales, None, "nvfp4")), scales.float().isfinite()
+    decoded, finite = bq.unpack_operand(bq.PackedOperand(packed, scales, None, "nvfp4")), scales.float().isfinite()
     assert torch.equal(decoded[finite.repeat_interleave(16, -1)], values.float()[finite.repeat_interleave(16, -1)])
     assert (~finite).sum() == 2 and decoded[2, 16:32].isnan().all() and decoded[3, 32:48].isnan().all()
 
@@ -437,7 +439,7 @@ def test_gpu_kernel_matches_reference(format):
     for m, n, k in [(128, 128, 256), (1, 300, 512), (333, 77, 1024), (1000, 257, 96), (4096, 4096, 4096)]:
         x = torch.randn(m, k, device=device, generator=gen)
         w = torch.randn(n, k, device=device, generator=gen)
-        qa, qb = bw.pack_operand(x, format), bw.pack_operand(w, format)
+        qa, qb = bq.pack_operand(x, format), bq.pack_operand(w, format)
         out = bw.block_scaled_mm(qa.packed, qa.scales, qb.packed, qb.scales, qa.tensor_scale, qb.tensor_scale,
                                  format)
         xq, wq = fake_quantize(x, format), fake_quantize(w, format)
@@ -463,7 +465,7 @@ def test_gpu_vector_kernel_bit_exact_with_emulation():
             out = bw.vector_gemm(xv, xs, wv, ws, dtype)
             want = gemm.emulated(xv, xs, wv, ws).to(dtype)
             assert same_values(out, want), (m, n, k, dtype)
-        (pa, sa), (pb, sb) = bw.split_vector(xv, xs), bw.split_vector(wv, ws)
+        (pa, sa), (pb, sb) = bq.split_vector(xv, xs), bq.split_vector(wv, ws)
         compiled = torch.compile(lambda *a: torch.ops.fp4compile.vector_scaled_mm(*a), fullgraph=True)
         assert bits_equal(compiled(pa, sa, pb, sb), bw.vector_scaled_mm(pa, sa, pb, sb), False)  # same kernel
 
@@ -474,7 +476,7 @@ def test_gpu_quantize_kernel_bit_exact():
         pytest.skip(bw.kernel_reason(torch.device("cuda"), "mxfp4"))
     for name, x in _quantize_inputs():
         for format in ("mxfp4", "nvfp4"):
-            ref, got = bw.pack_operand(x.cuda(), format), bw.quantize_triton(x.cuda(), format)
+            ref, got = bq.pack_operand(x.cuda(), format), bq.quantize_triton(x.cuda(), format)
             assert torch.equal(ref.packed, got.packed), (name, format)
             assert torch.equal(ref.scales.view(torch.uint8), got.scales.view(torch.uint8)), (name, format)
             assert ref.tensor_scale is None or torch.equal(ref.tensor_scale, got.tensor_scale), (name, format)

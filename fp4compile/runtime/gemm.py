@@ -94,11 +94,11 @@ def native_block_reason(device_type: str, capability, format: str | None) -> str
     the capabilities are the kernel's own (``blackwell.NATIVE_MAJORS``)."""
     if format not in NATIVE_FORMATS:
         return f"format {format!r} has no native FP4 kernel"
-    from fp4compile.runtime.kernels import blackwell
+    from fp4compile.runtime.kernels import blackwell, blackwell_quantize
 
     if device_type != "cuda" or capability is None or capability[0] not in blackwell.NATIVE_MAJORS:
         return f"no native FP4 kernel for {device_type} {capability or ''}".rstrip() + " (built for sm_10x)"
-    if not blackwell.HAS_TRITON:
+    if not blackwell_quantize.HAS_TRITON:
         return "triton is not installed"
     return None
 
@@ -158,12 +158,13 @@ def native_gemm(ca, cb, va, oa, vb, ob, format: str, out_dtype: torch.dtype):
 def nvfp4_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``scaled_gemm`` of NVFP4 operands (E2M1 values times E4M3 block scales in BF16, 0-d FP32 tensor
     scales): on sm_10x with a 2-D ``b`` the native block-scaled FP4 MMA on their codes and scales
-    (``blackwell.split_nvfp4`` recovers them exactly)."""
+    (``blackwell_quantize.split_nvfp4`` recovers them exactly)."""
 
     def native():
         from fp4compile.runtime.kernels import blackwell
+        from fp4compile.runtime.kernels.blackwell_quantize import split_nvfp4
 
-        (pa, sa), (pb, sb) = blackwell.split_nvfp4(a.reshape(-1, a.shape[-1])), blackwell.split_nvfp4(b)
+        (pa, sa), (pb, sb) = split_nvfp4(a.reshape(-1, a.shape[-1])), split_nvfp4(b)
         y = blackwell.block_scaled_mm(pa, sa, pb, sb, a_scale.float(), b_scale.float(), "nvfp4", out_dtype)
         return y.reshape(*a.shape[:-1], b.shape[0])
 
