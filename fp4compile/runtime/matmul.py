@@ -106,7 +106,7 @@ class FP4MatmulNT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         va, oa, vb, ob, ra, rb, a_dge, b_dge = ctx.saved_tensors
-        spec, cfg = ctx.spec, ctx.spec.config
+        cfg = ctx.spec.config
         a_shape, a_dtype, b_shape, b_dtype, bias_meta = ctx.shapes
         need_a, need_b, need_bias, _ = ctx.needs_input_grad
         da = db = dbias = None

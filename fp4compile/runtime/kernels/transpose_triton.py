@@ -13,7 +13,6 @@ q/k/v's or gate/up's input), where a traced triton_op writes into a fresh ``empt
 CSE never merges; Inductor then launches the kernel from its generated code.
 """
 
-import torch
 import triton
 import triton.language as tl
 
