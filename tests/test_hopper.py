@@ -383,3 +383,32 @@ def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
     kernels = dict(re.findall(r"@triton\.jit\ndef (\w+)\((.*?)\n\'\'\'", code, re.S))
     silu_backward = [source for name, source in kernels.items() if "silu_backward" in name]
     assert len(silu_backward) == 1 and silu_backward[0].count("tl.store(") == 2, silu_backward
+
+
+@needs_fp8
+def test_lowered_kernels_take_symbolic_token_counts():
+    """Compiled with dynamic shapes, the quantize kernels' grids and sizes are symbolic: they are still
+    launched from Inductor's code (no operator call), and the step agrees with the static-shape compile
+    at two token counts (a wrong grid or stride would leave rows unwritten or garbage)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _SharedInputs().cuda().bfloat16()
+    results = {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(occ=False)), dynamic=dynamic)
+        for tokens in (96, 160):
+            x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16,
+                            generator=torch.Generator("cuda").manual_seed(tokens)).requires_grad_()
+            model.zero_grad(set_to_none=True)
+            y, codes = run_and_get_code(lambda: compiled(x))
+            y.float().square().mean().backward()
+            results[dynamic, tokens] = [y.float(), x.grad.float(), model.q.weight.grad.float()]
+            if dynamic and tokens == 160:
+                code = "\n".join(codes)
+                assert not re.findall(r"torch\.ops\.fp4compile\.\w+\.default\(", code)
+                assert re.search(r"\b_fp4_rows_kernel_\d+\.run\(", code)
+    for tokens in (96, 160):
+        for got, want in zip(results[True, tokens], results[False, tokens]):
+            assert torch.isfinite(got).all()
+            assert (got - want).norm() <= 1e-2 * want.norm()
