@@ -76,7 +76,9 @@ def model_parser(description: str, default_out: str) -> argparse.ArgumentParser:
 def environment() -> dict:
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            # "-dirty" when the files that ran differ from the commit: the numbers are not that commit's
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+            cwd=Path(__file__).parent
         ).stdout.strip()
     except OSError:
         commit = ""
