@@ -21,6 +21,7 @@ its constexprs and ``num_warps``. ``ex.as_bytes`` views a 1-byte tensor as uint8
 """
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -145,11 +146,23 @@ def define(schema: str, body, fake):
 
 
 @functools.cache
-def register_lowerings() -> None:
+def register_lowerings() -> bool:
     """Have Inductor lower every operator ``define`` made into launches from its generated code, for CUDA
     tensors; elsewhere, and where the body needs a symbolic size as a number, the operator call stays.
-    Inductor keeps lowerings per process."""
-    from torch._inductor.lowering import fallback_handler, register_lowering
+    Inductor keeps lowerings per process. The lowering builds on torch internals (the lowering of
+    ``triton_kernel_wrapper_mutation``, ``kernel_side_table``, as torch 2.11-2.13 have them): where they
+    are missing, it warns once and the operators stay calls (same results, more host time). Returns
+    whether the lowerings are in place."""
+    try:
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_mutation
+        from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
+
+        if triton_kernel_wrapper_mutation not in lowerings or not hasattr(kernel_side_table, "add_constant_args"):
+            raise AttributeError("no lowering of triton_kernel_wrapper_mutation or no kernel_side_table.add_constant_args")
+    except (ImportError, AttributeError, KeyError) as e:
+        warnings.warn(f"fp4compile: this torch lacks what the quantize kernels' Inductor lowering uses ({e!r}); "
+                      "they run as operator calls, with more host time per step")
+        return False
 
     for op, body in _BODIES.items():
         call = fallback_handler(op, add_to_fallback_set=False)
@@ -164,3 +177,4 @@ def register_lowerings() -> None:
                 return call(*args)
 
         register_lowering(op, type_promotion_kind=None)(lower)
+    return True
