@@ -423,6 +423,27 @@ def test_split_nvfp4_recovers_codes_and_scales_exactly(seed, shift, rounding):
     assert (~finite).sum() == 2 and decoded[2, 16:32].isnan().all() and decoded[3, 32:48].isnan().all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), shift=st.integers(-140, 120), format=st.sampled_from(["mxfp4", "nvfp4"]),
+       special=st.booleans())
+def test_gemm_values_of_a_packed_operand_are_gemm_operand(seed, shift, format, special):
+    """On the native path a block-format operand is quantized once, into the kernel's codes and scales, and
+    the backward's (values, outer) are decoded from them: the same bits as gemm_operand, over magnitudes
+    from E8M0's and E4M3's smallest scales to their largest, zero blocks and rows (MXFP4 rows whose blocks
+    span more than E4M3 folds exactly), and blocks holding NaN or inf."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 96, generator=gen) * 2.0**shift * torch.rand(12, 1, generator=gen)
+    x[1, :32] *= 2.0**-20
+    x[2, :48], x[3] = 0, 0
+    if special:
+        x[4, 5], x[5, 70], x[6, 7] = torch.nan, torch.inf, -0.0
+    values, outer = bq.gemm_values(bq.pack_operand(x, format))
+    want_values, want_outer = gemm_operand(x, format)
+    assert values.dtype == want_values.dtype and values.shape == want_values.shape
+    assert bits_equal(values.float(), want_values.float(), False)
+    assert outer.shape == want_outer.shape and bits_equal(outer, want_outer, False)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Numerics on a CUDA device: native tcgen05 on sm_100, Triton's emulated dot_scaled on sm_90
 # ---------------------------------------------------------------------------------------------------------

@@ -61,24 +61,35 @@ def test_scaled_gemm_rounds_once_to_out_dtype(out_dtype):
 
 
 @pytest.mark.parametrize("format", ["vector", "mxfp4", "nvfp4"])
-def test_native_block_forward_wiring(monkeypatch, format):
-    """With the native path forced on (as on sm_100), the forward goes through the native op, whose CPU
-    implementation decodes and multiplies in FP32: it must give the emulated forward's result."""
-    spec = MatmulSpec(FP4Config(format=format, occ=False))
-    x, w = torch.randn(40, 64), torch.randn(48, 64)
-    expected = fp4_matmul_nt(x, w, None, spec)
+def test_native_forward_quantizes_each_operand_once(monkeypatch, executed, format):
+    """On sm_100 (every path's GEMM computing as the CPU does), the forward goes through the native op, whose CPU
+    implementation decodes and multiplies in FP32: it must give the emulated forward's result, and the
+    backward's. A block format's operands are quantized once each, into the kernel's codes and scales
+    (the values the backward takes decoded from them); the vector format's once each by gemm_operand."""
+    from fp4compile.runtime import matmul
+    from fp4compile.runtime.kernels import blackwell_quantize
+
+    spec = MatmulSpec(FP4Config(format=format, occ=False), b_is_weight=False)
+    x, w = torch.randn(2, 40, 64), torch.randn(48, 64)
+
+    def run():
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp4_matmul_nt(a, b, None, spec)
+        y.backward(torch.ones_like(y))
+        return y, a.grad, b.grad
+
+    expected = run()
     calls = []
-    real = gemm.native_gemm
-
-    def forced(*args):
-        calls.append(args[-2])
-        return real(*args)
-
-    monkeypatch.setattr(gemm, "native_block_reason", lambda *args: None)
-    monkeypatch.setattr("fp4compile.runtime.matmul.native_gemm", forced)
-    got = fp4_matmul_nt(x, w, None, spec)
-    assert calls == [format]
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for module, name in ((matmul, "gemm_operand"), (blackwell_quantize, "pack_operand")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, real=real, name=name, **kw: calls.append(name) or real(*args, **kw))
+    _on(monkeypatch, (10, 0))
+    executed.clear()
+    got = run()
+    assert calls == (["gemm_operand"] * 2 if format == "vector" else ["pack_operand"] * 2)
+    assert executed[0] == "blackwell_fp4"
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
 def test_report_records_each_sites_gemm_path(tmp_path):

@@ -144,15 +144,28 @@ def block_gemm(va, oa, vb, ob, format: str, native, out_dtype: torch.dtype) -> t
     return scaled_gemm(va, oa, vb, ob, out_dtype)
 
 
-def native_gemm(ca, cb, va, oa, vb, ob, format: str, out_dtype: torch.dtype):
-    """The forward GEMM on sm_10x's native FP4 MMA, b 2-D: the vector format's values va, vb with their
-    row scales oa, ob in the epilogue; a block format's operands ``ca``, ``cb`` quantized by the kernel's
-    own quantizer (to the same values)."""
+def native_gemm(va, oa, vb, ob, out_dtype: torch.dtype):
+    """The vector format's forward GEMM on sm_10x's native FP4 MMA, b 2-D: the values va, vb with their
+    row scales oa, ob in the epilogue."""
     from fp4compile.runtime.kernels import blackwell
 
-    if format == "vector":
-        return blackwell.vector_gemm(va, oa, vb, ob, out_dtype)
-    return blackwell.block_scaled_matmul(ca, cb, format, out_dtype, quantizer="triton" if ca.is_cuda else "reference")
+    return blackwell.vector_gemm(va, oa, vb, ob, out_dtype)
+
+
+def native_block(a: torch.Tensor, b: torch.Tensor, format: str) -> bool:
+    """Whether the forward GEMM of a [..., M, K], b [N, K] in a block format ("mxfp4", "nvfp4") runs on the
+    native block-scaled FP4 kernel here (``plan``): then each operand is quantized once, into the codes and
+    scales the kernel reads (``native_block_gemm``)."""
+    return format in ("mxfp4", "nvfp4") and plan(*device_of(a), format, a.shape, b.shape)[0] == "blackwell_fp4"
+
+
+def native_block_gemm(pa, pb, out_dtype: torch.dtype) -> torch.Tensor:
+    """The native block-scaled FP4 GEMM of two packed operands (kernels/blackwell_quantize.PackedOperand):
+    [M, K] x [N, K] -> [M, N] in ``out_dtype``."""
+    from fp4compile.runtime.kernels import blackwell
+
+    return blackwell.block_scaled_mm(pa.packed, pa.scales, pb.packed, pb.scales, pa.tensor_scale, pb.tensor_scale,
+                                     pa.format, out_dtype)
 
 
 def nvfp4_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

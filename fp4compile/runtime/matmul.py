@@ -15,7 +15,8 @@ import torch
 from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands, has_fp8_kernels
-from fp4compile.runtime.gemm import block_gemm, native_gemm, row_scale_as_columns, scaled_gemm
+from fp4compile.runtime.gemm import (block_gemm, native_block, native_block_gemm, native_gemm, row_scale_as_columns,
+                                     scaled_gemm)
 from fp4compile.runtime.occ import occ_clamp
 from fp4compile.runtime.quantize import gemm_operand, scaled_domain
 
@@ -47,17 +48,23 @@ def _activation_operand(x, format: str):
     return gemm_operand(x, format)
 
 
-def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype):
-    """(values, outer, OCC residual in ``dtype`` or None, the operand after clamping) of one operand."""
-    if is_weight:
-        values, outer = gemm_operand(x, config.format)
-        return values, outer, None, x
+def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool = False):
+    """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
+    kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
+    into the kernel's codes and scales, and values and outer decoded from those."""
     residual = None
-    if config.occ:
+    if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
-    values, outer = _activation_operand(x, config.format)
-    return values, outer, residual, x
+    if packed:
+        from fp4compile.runtime.kernels.blackwell_quantize import gemm_values, pack_operand
+
+        rows = pack_operand(x.reshape(-1, x.shape[-1]), config.format, quantizer="triton" if x.is_cuda else "reference")
+        values, outer = gemm_values(rows)
+        outer = outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
+        return values.reshape(x.shape), outer, residual, rows
+    values, outer = gemm_operand(x, config.format) if is_weight else _activation_operand(x, config.format)
+    return values, outer, residual, None
 
 
 def _grad_operands(dy, ob, oa, grad_dtype, need_a: bool, need_b: bool):
@@ -71,10 +78,12 @@ def _grad_operands(dy, ob, oa, grad_dtype, need_a: bool, need_b: bool):
     return (dy.float() * fold_a, one) if need_a else None, (dy.mT.float() * fold_b, one) if need_b else None
 
 
-def _forward_gemm(ca, va, oa, cb, vb, ob, format, dtype):
-    """The forward GEMM on the path gemm.plan gives: the native FP4 GEMM (gemm.native_gemm), else the
-    scaled GEMM of the values."""
-    return block_gemm(va, oa, vb, ob, format, lambda: native_gemm(ca, cb, va, oa, vb, ob, format, dtype), dtype)
+def _forward_gemm(va, oa, pa, vb, ob, pb, format, dtype):
+    """The forward GEMM on the path gemm.plan gives: the native FP4 GEMM of the packed operands (block
+    formats) or of the vector format's values (gemm.native_gemm), else the scaled GEMM of the values."""
+    if pa is not None:
+        return native_block_gemm(pa, pb, dtype).reshape(*va.shape[:-1], vb.shape[0])
+    return block_gemm(va, oa, vb, ob, format, lambda: native_gemm(va, oa, vb, ob, dtype), dtype)
 
 
 class FP4MatmulNT(torch.autograd.Function):
@@ -83,10 +92,11 @@ class FP4MatmulNT(torch.autograd.Function):
         cfg = spec.config
         # The compensation GEMMs run in the dtype the original op computed in (bf16 under autocast).
         dtype = spec.out_dtype or a.dtype
+        packed = native_block(a, b, cfg.format)
         with torch.autocast(a.device.type, enabled=False):
-            va, oa, ra, ca = _quantize(a, spec.a_is_weight, cfg, dtype)
-            vb, ob, rb, cb = _quantize(b, spec.b_is_weight, cfg, dtype)
-            y = _forward_gemm(ca, va, oa, cb, vb, ob, cfg.format, dtype)
+            va, oa, ra, pa = _quantize(a, spec.a_is_weight, cfg, dtype, packed)
+            vb, ob, rb, pb = _quantize(b, spec.b_is_weight, cfg, dtype, packed)
+            y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
             if ra is not None:
                 y = y + ra @ b.to(dtype).mT
             if rb is not None:

@@ -16,7 +16,7 @@ import torch
 
 from fp4compile.runtime import e2m1
 from fp4compile.runtime.formats import get_format
-from fp4compile.runtime.quantize import QuantizedTensor, nvfp4_tensor_scale, poison, quantize
+from fp4compile.runtime.quantize import QuantizedTensor, _fold_mx_rows, nvfp4_tensor_scale, poison, quantize
 
 try:
     import triton
@@ -143,12 +143,26 @@ def unpack_operand(op: PackedOperand) -> torch.Tensor:
     """Decode a packed operand to FP32 values times block scales (the tensor scale left out)."""
     fmt = block_format(op.format)
     values = e2m1.decode_e2m1(e2m1.unpack_e2m1(op.packed))
-    if fmt.name == "mxfp4":
-        s = op.scales.view(torch.uint8).float()
-        scale = torch.where(s == 255, torch.nan, torch.exp2(s - 127))
-    else:
-        scale = op.scales.float()
+    scale = _mx_scale(op.scales) if fmt.name == "mxfp4" else op.scales.float()
     return values * scale.repeat_interleave(fmt.block_size, dim=-1)
+
+
+def _mx_scale(scales: torch.Tensor) -> torch.Tensor:
+    """E8M0 scale bytes as FP32 powers of two (255: NaN)."""
+    s = scales.view(torch.uint8).float()
+    return torch.where(s == 255, torch.nan, torch.exp2(s - 127))
+
+
+def gemm_values(op: PackedOperand) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize.gemm_operand``'s (values, outer) of the tensor ``op`` was packed from, decoded from the
+    codes and scales (the same bits as quantizing it again): what the backward's GEMMs take, from the one
+    quantize of a forward operand that the native kernel reads."""
+    fmt = block_format(op.format)
+    values = e2m1.decode_e2m1(e2m1.unpack_e2m1(op.packed)).unflatten(-1, (-1, fmt.block_size))
+    if fmt.name == "mxfp4":
+        folded, outer = _fold_mx_rows(values, _mx_scale(op.scales)[..., None])
+        return folded.flatten(-2), outer.reshape(-1, 1)
+    return (values * op.scales.float()[..., None]).flatten(-2).to(torch.bfloat16), op.tensor_scale
 
 
 def split_vector(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
