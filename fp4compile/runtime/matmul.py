@@ -36,8 +36,9 @@ class MatmulSpec:
 def _activation_operand(x, format: str):
     """gemm_operand(x, format) of an activation. On CUDA sm_89+, in the "vector" format, a Triton kernel
     computes the same bits reading x once (kernels/fp4_rows_triton.py). Weights stay with Inductor: through
-    the kernel, their extra operator calls per step cost more host time than the kernel saves GPU time
-    (CHANGELOG.md), and DGE's backward shares their scales by AOTAutograd's CSE."""
+    the kernel, their extra operator calls per step cost more host time than the kernel saved GPU time
+    (CHANGELOG.md; measured when each call went through the dispatcher, before Inductor launched the
+    kernel itself), and DGE's backward shares their scales by AOTAutograd's CSE."""
     if format == "vector" and x.dim() and x.is_cuda and x.numel() and has_fp8_kernels(x.device):
         from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows
 

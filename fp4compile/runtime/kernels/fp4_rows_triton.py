@@ -47,9 +47,10 @@ def _launch_shape(k: int) -> tuple[int, int, int]:
 
 def _fp4_rows(ex, x):
     m, k = ex.size(x)
-    if ex.static(k) > MAX_K:
+    width = ex.static(k)
+    if width > MAX_K:
         raise ValueError(f"fp4_rows takes rows of at most {MAX_K} elements, got {k}; quantize.gemm_operand takes any")
-    block_m, block_k, warps = _launch_shape(ex.static(k))
+    block_m, block_k, warps = _launch_shape(width)
     x = ex.contiguous(x)
     values, scale = ex.empty((m, k), torch.float8_e4m3fn), ex.empty((m, 1), torch.float32)
     if m:
