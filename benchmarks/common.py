@@ -23,6 +23,7 @@ VARIANTS = {
     "bf16_inductor": "inductor",
     "fp4_occ_off": FP4Config(occ=False),
     "fp4_occ_on": FP4Config(),
+    "fp4_rotated": FP4Config.from_recipe_name("rotated"),
     "fp4_nvfp4_occ_off": FP4Config.from_recipe_name("nvfp4", occ=False),
     "nvidia_nvfp4": FP4Config.from_recipe_name("nvidia_nvfp4"),
     "quartet2": FP4Config.from_recipe_name("quartet2"),

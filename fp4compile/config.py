@@ -23,6 +23,12 @@ class FP4Config:
         multiplied by f'(w / scale) with exponent k, f' clipped to at most dge_clip. False means STE.
     occ, occ_quantile: outlier clamping at the occ_quantile / 1 - occ_quantile quantiles of each
         activation operand, with the clamped residual multiplied in high precision.
+    rotation: rotate both operands of every forward GEMM along K by a fixed randomized Hadamard
+        transform in groups of this size (16, 32, 64 or 128) before they are quantized, which spreads
+        each outlier over its group (what OCC's clamping handles otherwise, here with no compensation
+        GEMM); None: no rotation. The product is unchanged in exact arithmetic, the gradients are rotated
+        back, and DGE acts on the rotated weight. Needs format="vector" and backward="fp8"; a matmul
+        whose K is not a multiple of the group stays in high precision (report.json says so).
     occ_sample: estimate the quantiles from this many entries (a fixed stratified sample) when the
         activation has at least 16 times as many; None computes them exactly (slow on large tensors: see runtime/occ.py).
     grad_dtype: FP8 dtype of dY in the two backward GEMMs ("float8_e5m2", "float8_e4m3fn"), scaled per
@@ -64,6 +70,7 @@ class FP4Config:
     occ: bool = True
     occ_quantile: float = 0.99
     occ_sample: int | None = 65536
+    rotation: int | None = None
     grad_dtype: str | None = "float8_e5m2"
     backward_operands: str = "quantized"
     include: ModuleFilter = None
@@ -90,6 +97,7 @@ class FP4Config:
         if not 0.5 < self.occ_quantile <= 1.0:
             raise ValueError(f"occ_quantile must be in (0.5, 1], e.g. 0.99, got {self.occ_quantile}")
         self._check_backward()
+        self._check_rotation()
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -107,6 +115,15 @@ class FP4Config:
                 "use format='nvfp4', dge=False, occ=False (or the recipe "
                 f"{'nvidia_nvfp4' if self.backward == 'nvidia' else 'quartet2'!r})"
             )
+
+    def _check_rotation(self):
+        if self.rotation is None:
+            return
+        check_group(self.rotation)
+        if self.format != "vector" or self.backward != "fp8":
+            raise ValueError(f"rotation={self.rotation} rotates the vector format's forward operands: use "
+                             f"format='vector' and backward='fp8' (got {self.format!r}, {self.backward!r}), "
+                             "or rotation=None")
 
     @classmethod
     def from_recipe_name(cls, name: str, **overrides) -> "FP4Config":
@@ -140,6 +157,7 @@ RECIPES: dict[str, dict] = {
     "direct_cast": {"dge": False, "occ": False},
     "dge": {"occ": False},
     "occ": {"dge": False},
+    "rotated": {"occ": False, "rotation": 128},
     "mxfp4": {"format": "mxfp4"},
     "nvfp4": {"format": "nvfp4"},
     "nvidia_nvfp4": {"format": "nvfp4", "dge": False, "occ": False, "backward": "nvidia", "hadamard_group": 16},

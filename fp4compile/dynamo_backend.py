@@ -9,6 +9,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
+from fp4compile.passes.recompute import RecomputeRotations
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
@@ -72,6 +73,9 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
             prepare_inductor()
+            if config.rotation:
+                previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
+                patches["joint_custom_pre_pass"] = RecomputeRotations(previous)
             return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(inner)(gm, example_inputs)
 

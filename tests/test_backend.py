@@ -51,6 +51,10 @@ def test_recipes_and_config_errors():
         FP4Config(occ_quantile=0.3)
     with pytest.raises(ValueError, match="float8_e5m2"):
         FP4Config(grad_dtype="int8")
+    with pytest.raises(ValueError, match="Hadamard group size must be one of"):
+        FP4Config(rotation=48)
+    with pytest.raises(ValueError, match="use format='vector' and backward='fp8'"):
+        FP4Config(format="mxfp4", rotation=32)
     with pytest.raises(TypeError, match=r"exclude=\('lm_head',\)"):
         FP4Config(exclude="lm_head")
     with pytest.raises(TypeError, match="sets the backend itself"):
@@ -117,6 +121,15 @@ def test_unsupported_sites_keep_the_original_op_with_a_reason():
     assert "1-D operand" in reasons[1]
     assert "torch.int64 operands" in reasons[2]
     assert "fp4compile" not in code
+
+
+def test_rotation_skips_a_reduction_dim_it_does_not_divide():
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 8))
+    report, _ = rewritten(model, torch.randn(4, 96), config=FP4Config.from_recipe_name("rotated", rotation=64))
+    first, second = report["sites"]
+    assert first["status"] == "skipped" and "not a multiple of the rotation group 64" in first["reason"]
+    assert "set rotation=32" in first["reason"]
+    assert second["status"] == "fp4"
 
 
 def test_einsum_forms():
@@ -271,8 +284,8 @@ class _SharedInputs(nn.Module):
 
 
 @pytest.mark.parametrize("config", [FP4Config(occ=False), FP4Config(), FP4Config.from_recipe_name("nvfp4"),
-                                    FP4Config.from_recipe_name("quartet2")],
-                         ids=["occ_off", "paper", "nvfp4", "quartet2"])
+                                    FP4Config.from_recipe_name("quartet2"), FP4Config.from_recipe_name("rotated")],
+                         ids=["occ_off", "paper", "nvfp4", "quartet2", "rotated"])
 def test_sites_sharing_an_input_quantize_and_save_it_once(config):
     # One quantized copy of x for the backward (and one OCC residual), not one per site: a NaN
     # constant in the quantizer's graph used to keep AOTAutograd's CSE from merging the three.
@@ -292,6 +305,27 @@ def test_sites_sharing_an_input_quantize_and_save_it_once(config):
     assert len(like_x) == 1 + config.occ, [(t.dtype, t.shape) for t in like_x]
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _saved_for_backward(config):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 768, bias=False), nn.GELU(), nn.Linear(768, 256, bias=False))
+    compiled, x = torch.compile(model, backend=fp4compile.backend(config)), torch.randn(512, 256, requires_grad=True)
+    compiled(x)
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t),
+                                                  lambda t: t):
+        compiled(x)
+    return sorted((str(t.dtype), t.numel()) for t in saved.values())
+
+
+def test_rotation_saves_no_rotated_weight():
+    """DGE's backward rotates each weight again (passes/recompute.py) rather than saving the forward's
+    rotated copy: the rotated recipe saves what the plain one does, plus the 128 x 128 rotation matrix."""
+    plain, rotated = (_saved_for_backward(FP4Config.from_recipe_name(r)) for r in ("dge", "rotated"))
+    rotated.remove(("torch.float32", 128 * 128))
+    assert rotated == plain
 
 
 def test_an_operand_several_gemms_read_is_stored_once():

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp4compile.runtime.hadamard import GROUP_SIZES, hadamard_matrix, inverse_rht, random_signs, rht
+from fp4compile.runtime.hadamard import (GROUP_SIZES, fixed_signs, hadamard_matrix, inverse_rht, random_signs, rht,
+                                         rotate, rotation_matrix, unrotate)
 
 
 @pytest.mark.parametrize("n", GROUP_SIZES)
@@ -52,3 +53,28 @@ def test_errors_name_the_fix():
         random_signs(48)
     with pytest.raises(ValueError, match="not a multiple of the Hadamard group 32"):
         rht(torch.randn(4, 48), random_signs(32))
+
+
+@pytest.mark.parametrize("n", GROUP_SIZES)
+def test_forward_rotation_matrix_is_exact_and_fixed(n):
+    """config.rotation's D·H': entries exactly +-1 (so any float dtype holds it), rows orthogonal with
+    squared norm n, and signs that are the same every call and not all alike."""
+    m = rotation_matrix(n, dtype=torch.float64)
+    assert set(m.flatten().tolist()) == {-1.0, 1.0}
+    assert torch.equal(m @ m.T, n * torch.eye(n, dtype=torch.float64))
+    assert torch.equal(fixed_signs(n), fixed_signs(n)) and 0 < (fixed_signs(n) > 0).sum() < n
+
+
+@settings(max_examples=30, deadline=None)
+@given(group=st.sampled_from(GROUP_SIZES), rows=st.integers(1, 5), groups=st.integers(1, 3),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_rotate_and_unrotate(group, rows, groups, dtype, seed):
+    """On small integers every sum is exact (in BF16 too: |sum| <= 128 with entries in -1..1): rotate keeps
+    x's dtype, unrotate(rotate(x)) == group * x, and <rotate(x), rotate(y)> == group * <x, y>."""
+    gen = torch.Generator().manual_seed(seed)
+    top = 1 if dtype == torch.bfloat16 else 3
+    x, y = (torch.randint(-top, top + 1, (rows, group * groups), generator=gen).to(dtype) for _ in range(2))
+    rx = rotate(x, group)
+    assert rx.dtype == dtype
+    assert torch.equal(unrotate(rx, group), group * x)
+    assert torch.equal((rx.double() * rotate(y, group).double()).sum(-1), group * (x.double() * y.double()).sum(-1))

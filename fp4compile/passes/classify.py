@@ -14,6 +14,7 @@ from fp4compile.passes import names
 from fp4compile.passes.find_sites import Site, clean_fqn, example, hint
 from fp4compile.runtime import unbiased
 from fp4compile.runtime.formats import get_format
+from fp4compile.runtime.hadamard import GROUP_SIZES
 
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "type"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.Tensor.to, torch.Tensor.t}
@@ -155,6 +156,11 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
             f"reduction dim of size {site.reduction} is not a multiple of {config.format}'s block of {block}; "
             "use format='vector' or pad the dim"
         )
+    rotation = config.rotation
+    if rotation and site.reduction is not None and not bool(site.reduction % rotation == 0):
+        fits = [g for g in GROUP_SIZES if g < rotation and bool(site.reduction % g == 0)]
+        return (f"reduction dim of size {site.reduction} is not a multiple of the rotation group {rotation}; "
+                f"pad the dim{f', set rotation={fits[-1]}' if fits else ''} or exclude the module")
     return None
 
 

@@ -27,10 +27,8 @@ import torch
 
 from fp4compile.config import FP4Config
 from fp4compile.runtime import gemm, hopper
-from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands
-from fp4compile.runtime.matmul import MatmulSpec, _quantize
-from fp4compile.runtime.quantize import scaled_domain
+from fp4compile.runtime.matmul import MatmulSpec, _quantize, dge_factor, rotated, unrotate_grad
 
 
 def _group_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,39 +113,46 @@ class FP4GroupedMM(torch.autograd.Function):
     def forward(ctx, x, w, offs, spec: MatmulSpec):
         cfg = spec.config
         dtype = spec.out_dtype or x.dtype
+        ctx.dtypes = (x.dtype, w.dtype, dtype)
+        w_dge = w if cfg.dge else None
         with torch.autocast(x.device.type, enabled=False):
+            if cfg.rotation:
+                x, w = rotated(x, False, cfg, dtype), rotated(w, True, cfg, dtype)
             vx, ox, rx, _ = _quantize(x, False, cfg, dtype)
             vw, ow, _, _ = _quantize(w, True, cfg, dtype)
+            if cfg.rotation:  # as in FP4MatmulNT: x's side takes the rotation's power of two out
+                ox, rx = ox / cfg.rotation, None if rx is None else rx / cfg.rotation
             y = grouped_gemm(vx, ox, vw, ow, offs, dtype)
             if rx is not None:
                 y = y + high_precision_grouped(rx, w, offs, dtype)
         if cfg.backward_operands == "original":
             vx, ox, vw, ow = x.float(), ox.new_ones(()), w.float(), ow.new_ones(())
-        ctx.save_for_backward(vx, ox, vw, ow, rx, w if cfg.dge else None, offs)
+            ox = ox / cfg.rotation if cfg.rotation else ox
+        ctx.save_for_backward(vx, ox, vw, ow, rx, w_dge, offs)
         ctx.spec = spec
-        ctx.dtypes = (x.dtype, w.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         vx, ox, vw, ow, rx, w_dge, offs = ctx.saved_tensors
         cfg = ctx.spec.config
-        x_dtype, w_dtype = ctx.dtypes
+        x_dtype, w_dtype, dtype = ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[:2]
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if need_x:
                 seg = segment_ids(offs, dy.shape[0])
                 g, r = _grad_operand(dy, _per_row(ow, seg), cfg.grad_dtype, transposed=False)
-                dx = grouped_gemm(g, r, vw.mT, ow.new_ones(()), offs, x_dtype)
+                dx = unrotate_grad(grouped_gemm(g, r, vw.mT, ow.new_ones(()), offs, x_dtype), cfg, a_side=True)
             if need_w:
                 g, c = _grad_operand(dy, ox.mT if ox.dim() else ox, cfg.grad_dtype, transposed=True)
                 dw = grouped_weight_gemm(g, c, vx, offs, w_dtype)
                 if w_dge is not None:
-                    dw = dw * dge_derivative(scaled_domain(w_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(w_dtype)
+                    dw = dw * dge_factor(w_dge, cfg, dtype).to(w_dtype)
                 if rx is not None:
                     one = dy.new_ones((), dtype=torch.float32)
                     dw = dw + grouped_weight_gemm(dy.mT, one, rx.to(dy.dtype), offs, w_dtype)
+                dw = unrotate_grad(dw, cfg, a_side=False)
         return dx, dw, None, None
 
 

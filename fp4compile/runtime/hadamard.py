@@ -3,6 +3,11 @@
 s random signs. The transform is orthonormal, so its inverse is its transpose; fresh signs each step
 spread a block's outliers over the group without a fixed pattern.
 
+The forward rotation of ``FP4Config.rotation`` (``rotate``, ``unrotate``) uses fixed signs and the
+unnormalized matrix D·H' (entries +-1, D = diag(s), H' = sqrt(n)·H): its entries are exact in any float
+dtype, so it runs as a GEMM in the operands' own dtype (BF16 tensor cores under autocast), and
+(x D H')(w D H')^T = n · x w^T, a power of two that the matmul takes out exactly.
+
 The transform is a [group, group] matmul on the grouped dim: torch has no fast Walsh-Hadamard transform,
 and at these sizes the matmul is cheap and exact to FP32 rounding.
 """
@@ -16,11 +21,16 @@ def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The orthonormal n x n Sylvester-Hadamard matrix (symmetric: H = H^T = H^-1): entry (i, j) is
     (-1)^popcount(i & j) / sqrt(n). Built from torch ops each call (no cached tensor, which would leak
     from one torch.compile trace into another)."""
+    return (_sylvester(n, device) / n**0.5).to(dtype)
+
+
+def _sylvester(n: int, device=None) -> torch.Tensor:
+    """sqrt(n) times ``hadamard_matrix(n)``: entries (-1)^popcount(i & j), in float64."""
     check_group(n)
     i = torch.arange(n, device=device)
     both = i[:, None] & i[None, :]
     parity = sum((both >> bit) & 1 for bit in range(n.bit_length() - 1)) % 2
-    return ((1 - 2 * parity).to(torch.float64) / n**0.5).to(dtype)
+    return (1 - 2 * parity).to(torch.float64)
 
 
 def check_group(group: int) -> None:
@@ -34,6 +44,37 @@ def random_signs(group: int, generator: torch.Generator | None = None, device=No
     check_group(group)
     bits = torch.randint(0, 2, (group,), generator=generator, device=device)
     return (bits * 2 - 1).float()
+
+
+def fixed_signs(group: int, device=None) -> torch.Tensor:
+    """The fixed +-1 signs of ``rotate``: the low bit of a 32-bit integer hash of each index (two rounds of
+    xor-shift-multiply), the same in every process, so a recomputed forward (activation checkpointing)
+    and every rank rotate alike. Computed by torch ops rather than held as a constant tensor: equal
+    expressions let AOTAutograd's CSE merge the rotations of an input that several GEMMs share."""
+    h = torch.arange(group, device=device) + 0x9E37
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return 1.0 - 2.0 * ((h ^ (h >> 16)) & 1).to(torch.float64)
+
+
+def rotation_matrix(group: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """D·H' of ``rotate``: the unnormalized Sylvester-Hadamard matrix (entries +-1) with its rows times
+    ``fixed_signs``. Its rows are orthogonal with squared norm ``group``."""
+    return (fixed_signs(group, device)[:, None] * _sylvester(group, device)).to(dtype)
+
+
+def rotate(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [..., K] times D·H' in groups of ``group`` along K (K a multiple of it), in x's dtype: a GEMM
+    with FP32 accumulation, rounded once to x's dtype."""
+    g = _grouped(x, -1, group)
+    return (g @ rotation_matrix(group, x.device, x.dtype)).flatten(-2)
+
+
+def unrotate(y: torch.Tensor, group: int) -> torch.Tensor:
+    """y [..., K] times (D·H')^T in groups along K, in y's dtype: ``unrotate(rotate(x)) == group * x`` up
+    to rounding, and the gradient of ``rotate`` is ``unrotate`` of the output's."""
+    g = _grouped(y, -1, group)
+    return (g @ rotation_matrix(group, y.device, y.dtype).mT).flatten(-2)
 
 
 def _grouped(x: torch.Tensor, dim: int, group: int) -> torch.Tensor:

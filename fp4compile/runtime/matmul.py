@@ -15,6 +15,8 @@ import torch
 from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands, has_fp8_kernels
+from fp4compile.passes.recompute import ANNOTATION as RECOMPUTE
+from fp4compile.runtime.hadamard import rotate, unrotate
 from fp4compile.runtime.gemm import (block_gemm, native_block, native_block_gemm, native_gemm, row_scale_as_columns,
                                      scaled_gemm)
 from fp4compile.runtime.occ import occ_clamp
@@ -68,6 +70,32 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     return values, outer, residual, None
 
 
+def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
+    """Operand ``x`` rotated along K (hadamard.rotate, config.rotation) in ``dtype``. A weight's rotation
+    is tagged for Inductor to recompute in the backward (for DGE) rather than save (passes/recompute.py)."""
+    if not is_weight:
+        return rotate(x.to(dtype), config.rotation)
+    with torch.fx.traceback.annotate(RECOMPUTE):
+        return rotate(x.to(dtype), config.rotation)
+
+
+def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
+    """DGE's f'(w / scale) of weight ``w``, in the domain its quantized values came from: rotated (in the
+    forward's ``dtype``) where config.rotation is set."""
+    if config.rotation:
+        w = rotated(w, True, config, dtype)
+    return dge_derivative(scaled_domain(w, config.format), config.dge_k, config.dge_clip)
+
+
+def unrotate_grad(grad: torch.Tensor, config: FP4Config, a_side: bool) -> torch.Tensor:
+    """A gradient with respect to a rotated operand as the gradient of the operand (``hadamard.unrotate``;
+    A's side also takes the forward's 1 / rotation); unchanged without rotation."""
+    if not config.rotation:
+        return grad
+    grad = unrotate(grad, config.rotation)
+    return grad * (1.0 / config.rotation) if a_side else grad
+
+
 def _grad_operands(dy, ob, oa, grad_dtype, need_a: bool, need_b: bool):
     """dY's operands for dA = dY @ B and dB = dY^T @ A, each (data, scale) or None: the other operand's
     per-row scale (along this GEMM's reduction dim) is folded into dY before dY is quantized per row
@@ -94,9 +122,18 @@ class FP4MatmulNT(torch.autograd.Function):
         # The compensation GEMMs run in the dtype the original op computed in (bf16 under autocast).
         dtype = spec.out_dtype or a.dtype
         packed = native_block(a, b, cfg.format)
+        shapes = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
+        # DGE re-derives a weight's scaled values from the weight itself (rotated again where it was).
+        a_dge = a if spec.a_is_weight and cfg.dge else None
+        b_dge = b if spec.b_is_weight and cfg.dge else None
         with torch.autocast(a.device.type, enabled=False):
+            if cfg.rotation:
+                a, b = rotated(a, spec.a_is_weight, cfg, dtype), rotated(b, spec.b_is_weight, cfg, dtype)
             va, oa, ra, pa = _quantize(a, spec.a_is_weight, cfg, dtype, packed)
             vb, ob, rb, pb = _quantize(b, spec.b_is_weight, cfg, dtype, packed)
+            if cfg.rotation:  # (a D H')(b D H')^T = rotation * a b^T: A's side takes the power of two out
+                gain = 1.0 / cfg.rotation
+                oa, ra = oa * gain, None if ra is None else ra * gain
             y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
             if ra is not None:
                 y = y + ra @ b.to(dtype).mT
@@ -106,12 +143,11 @@ class FP4MatmulNT(torch.autograd.Function):
                 y = y + bias.to(dtype)
         if cfg.backward_operands == "original":
             va, oa, vb, ob = a.float(), oa.new_ones(()), b.float(), ob.new_ones(())
-        # DGE re-derives a weight's scaled values from the weight itself.
-        a_dge = a if spec.a_is_weight and cfg.dge else None
-        b_dge = b if spec.b_is_weight and cfg.dge else None
+            oa = oa / cfg.rotation if cfg.rotation else oa
         ctx.save_for_backward(va, oa, vb, ob, ra, rb, a_dge, b_dge)
         ctx.spec = spec
-        ctx.shapes = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
+        ctx.shapes = shapes
+        ctx.dtype = dtype
         return y
 
     @staticmethod
@@ -127,17 +163,17 @@ class FP4MatmulNT(torch.autograd.Function):
             if need_a:
                 da = scaled_gemm(*grad_a, vb.mT, one, a_dtype)
                 if a_dge is not None:
-                    da = da * dge_derivative(scaled_domain(a_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(a_dtype)
+                    da = da * dge_factor(a_dge, cfg, ctx.dtype).to(a_dtype)
                 if rb is not None:
                     da = da + (dy @ rb.to(dy.dtype)).to(a_dtype)
-                da = da.sum_to_size(a_shape)
+                da = unrotate_grad(da, cfg, a_side=True).sum_to_size(a_shape)
             if need_b:
                 db = scaled_gemm(*grad_b, va.mT, one, b_dtype)
                 if b_dge is not None:
-                    db = db * dge_derivative(scaled_domain(b_dge, cfg.format), cfg.dge_k, cfg.dge_clip).to(b_dtype)
+                    db = db * dge_factor(b_dge, cfg, ctx.dtype).to(b_dtype)
                 if ra is not None:
                     db = db + (dy.mT @ ra.to(dy.dtype)).to(b_dtype)
-                db = db.sum_to_size(b_shape)
+                db = unrotate_grad(db, cfg, a_side=False).sum_to_size(b_shape)
             if need_bias:
                 dbias = dy.float().sum_to_size(bias_meta[0]).to(bias_meta[1])
         return da, db, dbias, None
