@@ -5,7 +5,9 @@ multiplied in high precision). Each GEMM accumulates in FP32 and rounds once to 
 returned in (the op's dtype: BF16 under autocast), as torch's own BF16 matmuls do; compensation, bias and
 DGE are applied in that dtype. Backward: the straight-through estimator for activations, DGE on the
 gradient of weight operands, and the two gradient GEMMs as ``FP4Config.grad_dtype`` and
-``backward_operands`` say. Every op-specific entry point in ``ops.py`` reduces to this one.
+``backward_operands`` say. With ``FP4Config.rotation``, both operands are first rotated along K
+(``hadamard.rotate``; A's scale takes the rotation's power of two out) and both gradients rotated back.
+Every op-specific entry point in ``ops.py`` reduces to this one.
 """
 
 from dataclasses import dataclass
