@@ -328,6 +328,21 @@ def test_rotation_saves_no_rotated_weight():
     assert rotated == plain
 
 
+def test_rotation_keeps_a_joint_graph_pass_already_set(monkeypatch):
+    """The rotated recipe adds its joint-graph pass after one the user set, rather than replacing it."""
+    from fp4compile.passes import recompute
+
+    seen = []
+    ours = recompute.recompute_rotations
+    monkeypatch.setattr(recompute, "recompute_rotations", lambda graph: (seen.append("ours"), ours(graph)))
+    model = nn.Linear(64, 32)
+    with torch._inductor.config.patch(joint_custom_pre_pass=lambda graph: seen.append("user's")):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=fp4compile.backend(FP4Config.from_recipe_name("rotated", rotation=64)))
+        compiled(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    assert seen == ["user's", "ours"] and model.weight.grad is not None
+
+
 def test_an_operand_several_gemms_read_is_stored_once():
     """x's FP4 values, read by two _scaled_mm GEMMs (as q/k/v read theirs on the FP8 path), become one
     buffer: the backend has Inductor realize them (dynamo_backend.prepare_inductor) rather

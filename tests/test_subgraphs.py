@@ -150,6 +150,21 @@ def test_checkpointed_block_is_quantized_and_recomputes_the_same_values(backend,
         assert (g - high[name]).abs().max() > 1e-3 * scale, name
 
 
+def test_checkpointed_rotated_block_recomputes_the_same_rotation(tmp_path, monkeypatch):
+    """The rotated recipe under activation checkpointing (Inductor, with its pass that recomputes weights'
+    rotations): the recomputed forward rotates with the same fixed signs, so the gradients are the
+    non-checkpointed run's up to FP32 rounding of differently fused kernels."""
+    fp4 = fp4compile.backend(FP4Config.from_recipe_name("rotated", rotation=32))
+    model, plain = _twins(Checkpointed)
+    x = torch.randn(64, 32)
+    _, grads, reports = _step(model, fp4, x, tmp_path / "ckpt", monkeypatch)
+    _, want, _ = _step(plain, fp4, x, tmp_path / "plain", monkeypatch)
+    assert {s["module"]: s["status"] for r in reports for s in r["sites"]} == {
+        "block.up": "fp4", "block.down": "fp4", "lm_head": "skipped"}
+    for name, g in grads.items():
+        assert (g - want[name]).abs().max() <= 1e-6 * want[name].abs().max(), name
+
+
 def test_checkpointed_backward_recomputes_the_quantization():
     """AOTAutograd's partitioner recomputes the checkpointed block in the backward graph, the FP4 twins'
     OCC thresholds (kthvalue) included; without checkpointing the backward only reads saved tensors."""
