@@ -3,7 +3,7 @@
 s random signs. The transform is orthonormal, so its inverse is its transpose; fresh signs each step
 spread a block's outliers over the group without a fixed pattern.
 
-The forward rotation of ``FP4Config.rotation`` (``rotate``, ``unrotate``) uses fixed signs and the
+The forward rotation of ``FP4Config.rotation`` (``rotate``) uses fixed signs and the
 unnormalized matrix D·H' (entries +-1, D = diag(s), H' = sqrt(n)·H): its entries are exact in any float
 dtype, so it runs as a GEMM in the operands' own dtype (BF16 tensor cores under autocast), and
 (x D H')(w D H')^T = n · x w^T, a power of two that the matmul takes out exactly.
@@ -63,18 +63,12 @@ def rotation_matrix(group: int, device=None, dtype=torch.float32) -> torch.Tenso
     return (fixed_signs(group, device)[:, None] * _sylvester(group, device)).to(dtype)
 
 
-def rotate(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x [..., K] times D·H' in groups of ``group`` along K (K a multiple of it), in x's dtype: a GEMM
-    with FP32 accumulation, rounded once to x's dtype."""
-    g = _grouped(x, -1, group)
-    return (g @ rotation_matrix(group, x.device, x.dtype)).flatten(-2)
-
-
-def unrotate(y: torch.Tensor, group: int) -> torch.Tensor:
-    """y [..., K] times (D·H')^T in groups along K, in y's dtype: ``unrotate(rotate(x)) == group * x`` up
-    to rounding, and the gradient of ``rotate`` is ``unrotate`` of the output's."""
-    g = _grouped(y, -1, group)
-    return (g @ rotation_matrix(group, y.device, y.dtype).mT).flatten(-2)
+def rotate(x: torch.Tensor, group: int, inverse: bool = False) -> torch.Tensor:
+    """x [..., K] times D·H' (``inverse``: times (D·H')^T, the gradient's way back) in groups of ``group``
+    along K (K a multiple of it), in x's dtype: a GEMM with FP32 accumulation, rounded once to x's dtype.
+    rotate(rotate(x), inverse=True) == group * x up to that rounding."""
+    m = rotation_matrix(group, x.device, x.dtype)
+    return (_grouped(x, -1, group) @ (m.mT if inverse else m)).flatten(-2)
 
 
 def _grouped(x: torch.Tensor, dim: int, group: int) -> torch.Tensor:

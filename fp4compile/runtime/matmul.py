@@ -18,7 +18,7 @@ from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands, has_fp8_kernels
 from fp4compile.passes.recompute import ANNOTATION as RECOMPUTE
-from fp4compile.runtime.hadamard import rotate, unrotate
+from fp4compile.runtime.hadamard import rotate
 from fp4compile.runtime.gemm import (block_gemm, native_block, native_block_gemm, native_gemm, row_scale_as_columns,
                                      scaled_gemm)
 from fp4compile.runtime.occ import occ_clamp
@@ -90,11 +90,11 @@ def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype) -> torch.
 
 
 def unrotate_grad(grad: torch.Tensor, config: FP4Config, a_side: bool) -> torch.Tensor:
-    """A gradient with respect to a rotated operand as the gradient of the operand (``hadamard.unrotate``;
+    """A gradient with respect to a rotated operand as the gradient of the operand (the inverse rotation;
     A's side also takes the forward's 1 / rotation); unchanged without rotation."""
     if not config.rotation:
         return grad
-    grad = unrotate(grad, config.rotation)
+    grad = rotate(grad, config.rotation, inverse=True)
     return grad * (1.0 / config.rotation) if a_side else grad
 
 
