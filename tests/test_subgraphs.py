@@ -253,7 +253,12 @@ def test_llama_gradient_checkpointing(tmp_path, monkeypatch):
         runs.append(({n: p.grad for n, p in model.named_parameters()}, _sites(reports)))
     (grads, sites), (want, plain_sites) = runs
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert set(sites) == linears
+    assert linears <= set(sites)
+    # Other matmuls (transformers 5.17's rotary embedding: inv_freq @ positions) are activation matmuls,
+    # reported as skipped in both runs.
+    others = {n: s["status"] for n, s in sites.items() if n not in linears}
+    assert others == {n: s["status"] for n, s in plain_sites.items() if n not in linears}
+    assert set(others.values()) <= {"skipped"}, others
     for name in linears:
         assert sites[name]["status"] == ("skipped" if name == "lm_head" else "fp4"), sites[name]
         assert sites[name]["subgraph"] == (None if name == "lm_head" else f"wrap_body_{name.split('.')[2]}")
