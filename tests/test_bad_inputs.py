@@ -163,6 +163,26 @@ def test_a_non_finite_token_poisons_only_its_own_row(bad, cols, compiled):
     assert torch.equal(got[others], want[others])
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_rotated_recipe_keeps_a_non_finite_token_in_its_row(bad):
+    """The rotation mixes entries along K only, within each token: a NaN or inf in token t poisons row t of
+    the output (its whole rotated row, hence its scale), every other row is finite and bit-equal to the
+    clean run's, and the gradients of the other tokens stay finite."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 128, generator=g), torch.randn(48, 128, generator=g) / 128**0.5
+    t, others = 9, torch.arange(64) != 9
+    spec = MatmulSpec(FP4Config.from_recipe_name("rotated"))
+    poisoned, clean = x.clone(), x.clone()
+    poisoned[t, 5], clean[t, 5] = bad, 0.0
+    poisoned.requires_grad_()
+    got, want = fp4_matmul_nt(poisoned, w, None, spec), fp4_matmul_nt(clean, w, None, spec)
+    assert not got[t].isfinite().any() and torch.equal(got[others], want[others])
+    dy = torch.zeros_like(got)
+    dy[others] = 1.0
+    got.backward(dy)
+    assert poisoned.grad[others].isfinite().all()
+
+
 # --- dims the unbiased recipes cannot rotate --------------------------------------------------------------
 
 
