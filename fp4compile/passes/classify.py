@@ -14,7 +14,7 @@ from fp4compile.passes import names
 from fp4compile.passes.find_sites import Site, clean_fqn, example, hint
 from fp4compile.runtime import unbiased
 from fp4compile.runtime.formats import get_format
-from fp4compile.runtime.hadamard import GROUP_SIZES
+from fp4compile.runtime.hadamard import largest_group_dividing
 
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "type"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.Tensor.to, torch.Tensor.t}
@@ -158,9 +158,9 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
         )
     rotation = config.rotation
     if rotation and site.reduction is not None and not bool(site.reduction % rotation == 0):
-        fits = [g for g in GROUP_SIZES if g < rotation and bool(site.reduction % g == 0)]
+        fit = largest_group_dividing(site.reduction, rotation)
         return (f"reduction dim of size {site.reduction} is not a multiple of the rotation group {rotation}; "
-                f"pad the dim{f', set rotation={fits[-1]}' if fits else ''} or exclude the module")
+                f"pad the dim{f', set rotation={fit}' if fit else ''} or exclude the module")
     return None
 
 

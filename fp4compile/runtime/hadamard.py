@@ -38,6 +38,13 @@ def check_group(group: int) -> None:
         raise ValueError(f"Hadamard group size must be one of {GROUP_SIZES}, got {group}")
 
 
+def largest_group_dividing(size, below: int) -> int | None:
+    """The largest Hadamard group smaller than ``below`` that divides ``size`` (None if none does): the
+    group an error message suggests when ``below`` does not divide a dim."""
+    fits = [g for g in GROUP_SIZES if g < below and bool(size % g == 0)]
+    return fits[-1] if fits else None
+
+
 def random_signs(group: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """A vector of ``group`` random +-1 signs (one rotation), drawn from ``generator`` (torch's default
     generator if None, so torch.manual_seed makes a run repeat)."""

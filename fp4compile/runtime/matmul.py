@@ -10,6 +10,7 @@ gradient of weight operands, and the two gradient GEMMs as ``FP4Config.grad_dtyp
 Every op-specific entry point in ``ops.py`` reduces to this one.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +76,7 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
 def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
     """Operand ``x`` rotated along K (hadamard.rotate, config.rotation) in ``dtype``. A weight's rotation
     is tagged for Inductor to recompute in the backward (for DGE) rather than save (passes/recompute.py)."""
-    if not is_weight:
-        return rotate(x.to(dtype), config.rotation)
-    with torch.fx.traceback.annotate(RECOMPUTE):
+    with torch.fx.traceback.annotate(RECOMPUTE) if is_weight else contextlib.nullcontext():
         return rotate(x.to(dtype), config.rotation)
 
 
