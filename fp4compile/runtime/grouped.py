@@ -28,7 +28,7 @@ import torch
 from fp4compile.config import FP4Config
 from fp4compile.runtime import gemm, hopper
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands
-from fp4compile.runtime.matmul import MatmulSpec, _quantize, dge_factor, rotated, unrotate_grad
+from fp4compile.runtime.matmul import MatmulSpec, backward_operands, dge_factor, forward_operands, unrotate_grad
 
 
 def _group_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,19 +116,11 @@ class FP4GroupedMM(torch.autograd.Function):
         ctx.dtypes = (x.dtype, w.dtype, dtype)
         w_dge = w if cfg.dge else None
         with torch.autocast(x.device.type, enabled=False):
-            if cfg.rotation:
-                x, w = rotated(x, False, cfg, dtype), rotated(w, True, cfg, dtype)
-            vx, ox, rx, _ = _quantize(x, False, cfg, dtype)
-            vw, ow, _, _ = _quantize(w, True, cfg, dtype)
-            if cfg.rotation:  # as in FP4MatmulNT: x's side takes the rotation's power of two out
-                ox, rx = ox / cfg.rotation, None if rx is None else rx / cfg.rotation
+            x, w, (vx, ox, rx, _), (vw, ow, _, _) = forward_operands(x, w, False, True, cfg, dtype)
             y = grouped_gemm(vx, ox, vw, ow, offs, dtype)
             if rx is not None:
                 y = y + high_precision_grouped(rx, w, offs, dtype)
-        if cfg.backward_operands == "original":
-            vx, ox, vw, ow = x.float(), ox.new_ones(()), w.float(), ow.new_ones(())
-            ox = ox / cfg.rotation if cfg.rotation else ox
-        ctx.save_for_backward(vx, ox, vw, ow, rx, w_dge, offs)
+        ctx.save_for_backward(*backward_operands(x, w, vx, ox, vw, ow, cfg), rx, w_dge, offs)
         ctx.spec = spec
         return y
 

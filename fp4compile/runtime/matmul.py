@@ -80,6 +80,30 @@ def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dt
         return rotate(x.to(dtype), config.rotation)
 
 
+def forward_operands(a, b, a_is_weight: bool, b_is_weight: bool, config: FP4Config, dtype: torch.dtype,
+                     packed: bool = False):
+    """Both forward operands rotated along K (config.rotation) and quantized (``_quantize``): (a, b as
+    rotated, (va, oa, ra, pa), (vb, ob, rb, pb)). With a rotation, (a D H')(b D H')^T = rotation * a b^T,
+    so A's side (its scale and OCC residual) takes the power of two out, exactly."""
+    if config.rotation:
+        a, b = rotated(a, a_is_weight, config, dtype), rotated(b, b_is_weight, config, dtype)
+    va, oa, ra, pa = _quantize(a, a_is_weight, config, dtype, packed)
+    qb = _quantize(b, b_is_weight, config, dtype, packed)
+    if config.rotation:
+        oa, ra = oa / config.rotation, None if ra is None else ra / config.rotation
+    return a, b, (va, oa, ra, pa), qb
+
+
+def backward_operands(a, b, va, oa, vb, ob, config: FP4Config):
+    """What the backward GEMMs multiply dY by, (va, oa, vb, ob): the forward's quantized operands, or
+    for backward_operands="original" the (rotated) operands themselves with unit scales (A's taking the
+    rotation's power of two out, as in the forward)."""
+    if config.backward_operands != "original":
+        return va, oa, vb, ob
+    one = oa.new_ones(())
+    return a.float(), one / config.rotation if config.rotation else one, b.float(), one
+
+
 def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
     """DGE's f'(w / scale) of weight ``w``, in the domain its quantized values came from: rotated (in the
     forward's ``dtype``) where config.rotation is set."""
@@ -128,13 +152,8 @@ class FP4MatmulNT(torch.autograd.Function):
         a_dge = a if spec.a_is_weight and cfg.dge else None
         b_dge = b if spec.b_is_weight and cfg.dge else None
         with torch.autocast(a.device.type, enabled=False):
-            if cfg.rotation:
-                a, b = rotated(a, spec.a_is_weight, cfg, dtype), rotated(b, spec.b_is_weight, cfg, dtype)
-            va, oa, ra, pa = _quantize(a, spec.a_is_weight, cfg, dtype, packed)
-            vb, ob, rb, pb = _quantize(b, spec.b_is_weight, cfg, dtype, packed)
-            if cfg.rotation:  # (a D H')(b D H')^T = rotation * a b^T: A's side takes the power of two out
-                gain = 1.0 / cfg.rotation
-                oa, ra = oa * gain, None if ra is None else ra * gain
+            a, b, (va, oa, ra, pa), (vb, ob, rb, pb) = forward_operands(
+                a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed)
             y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
             if ra is not None:
                 y = y + ra @ b.to(dtype).mT
@@ -142,10 +161,7 @@ class FP4MatmulNT(torch.autograd.Function):
                 y = y + (va.float() * oa).to(dtype) @ rb.mT
             if bias is not None:
                 y = y + bias.to(dtype)
-        if cfg.backward_operands == "original":
-            va, oa, vb, ob = a.float(), oa.new_ones(()), b.float(), ob.new_ones(())
-            oa = oa / cfg.rotation if cfg.rotation else oa
-        ctx.save_for_backward(va, oa, vb, ob, ra, rb, a_dge, b_dge)
+        ctx.save_for_backward(*backward_operands(a, b, va, oa, vb, ob, cfg), ra, rb, a_dge, b_dge)
         ctx.spec = spec
         ctx.shapes = shapes
         ctx.dtype = dtype
