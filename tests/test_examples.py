@@ -84,3 +84,16 @@ def test_bench_saved_fp4_saves_less_than_bf16(tmp_path):
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["fp4_occ_off"]["float8_e4m3fn MiB"] > 0
     assert rows["fp4_occ_off"]["saved MiB"] < 0.98 * rows["bf16_inductor"]["saved MiB"]
+
+
+def test_gemm_error_ranks_the_recipes(tmp_path):
+    # The table docs/usage.md quotes, at a small shape: rotation and OCC both cut direct casting's error
+    # on outlier channels, OCC's exact compensation further.
+    root = EXAMPLES.parent
+    out = tmp_path / "gemm_error.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "gemm_error.py"), "--shape", "256", "1024", "128",
+                    "--out", str(out)], check=True, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True)
+    rows = {r["activation"]: r for r in json.loads(out.read_text())["results"]}
+    channels = rows["channels"]
+    assert channels["paper"] < channels["rotated"] < channels["direct_cast"] / 2, channels
+    assert all(0 < r["bf16"] < 0.01 for r in rows.values()), rows
