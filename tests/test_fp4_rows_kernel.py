@@ -5,14 +5,16 @@ compared except where the reference's are NaN (the interpreter casts NaN to arbi
 E2M1 values are exact in float8, so its cast of every other value is exact).
 
 Cases: ragged widths (1, 70, 2048, 5632: one row per program to four), a row stride wider than the
-row, float32 / bfloat16 / float16 inputs, values on E2M1 rounding ties, a NaN, an inf, an all-zero
-row, a row tiny enough for the 2^-126 scale floor, and negative values that round to -0. Run as
-``TRITON_INTERPRET=1 python tests/test_fp4_rows_kernel.py``, this file prints the interpreter results.
+row, the fused rotation (hadamard.rotate first) in each group size, float32 / bfloat16 / float16
+inputs, values on E2M1 rounding ties, a NaN, an inf, an all-zero row, a row tiny enough for the 2^-126
+scale floor, and negative values that round to -0. Run as ``TRITON_INTERPRET=1 python
+tests/test_fp4_rows_kernel.py``, this file prints the interpreter results.
 Ahead-of-time builds for sm_90 and sm_100 check the kernel compiles for both, on any machine.
 """
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -20,20 +22,26 @@ from conftest import bits_equal, run_interpreted
 
 triton = pytest.importorskip("triton")
 
+from fp4compile.runtime.hadamard import rotate, rotation_matrix  # noqa: E402
 from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows  # noqa: E402
 from fp4compile.runtime.quantize import gemm_operand  # noqa: E402
 
 SHAPES = [(9, 70), (5, 2048), (3, 5632), (6, 1)]
+# (shape, row padding, rotation group): the fused rotation, at 1-4 rows per program, in every group size
+ROTATED = [((5, 2048), 0, 128), ((3, 5632), 0, 128), ((9, 64), 32, 16), ((70, 256), 0, 32), ((6, 512), 0, 64)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # x / scale on every E2M1 rounding tie (amax 1.5 -> scale 1/4), both signs, and values that round to -0.
 TIES = [0.0625, 0.1875, 0.3125, 0.4375, 0.625, 0.875, 1.25, -0.0625, -0.3125, -1.25, -0.01, 1.5]
 
 
-def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0) -> torch.Tensor:
-    """x [m, k], seen through a [m, k + pad] buffer (row stride k + pad) when ``pad``."""
+def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0, dyadic: bool = False) -> torch.Tensor:
+    """x [m, k], seen through a [m, k + pad] buffer (row stride k + pad) when ``pad``. ``dyadic``: each
+    row's values are multiples of one power of two, small enough that sums of 128 are exact in FP32, so
+    a rotation's result does not depend on the order of its additions (the kernel's dot, torch's GEMM)."""
     g = torch.Generator().manual_seed(m * 1000 + k)
-    x = torch.randn(m, k + pad, generator=g) * torch.exp2(torch.randint(-10, 10, (m, 1), generator=g).float())
+    base = torch.randint(-64, 65, (m, k + pad), generator=g) / 16 if dyadic else torch.randn(m, k + pad, generator=g)
+    x = base * torch.exp2(torch.randint(-10, 10, (m, 1), generator=g).float())
     if k >= len(TIES):
         x[0, : len(TIES)] = torch.tensor(TIES)
         x[0, len(TIES):k] = 0.5
@@ -46,19 +54,20 @@ def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0) -> to
 
 def _all_cases(device: str) -> dict:
     results = {}
-    for (m, k), pad in [(shape, 0) for shape in SHAPES] + [((9, 70), 10)]:
+    cases = [(shape, 0, None) for shape in SHAPES] + [((9, 70), 10, None)] + ROTATED
+    for (m, k), pad, group in cases:
         for dtype in DTYPES:
-            x = _inputs(m, k, dtype, device, pad)
-            got = fp4_rows(x)
-            want = gemm_operand(x.cpu(), "vector")
-            results[f"{m}x{k} pad {pad} {dtype}"] = [
+            x = _inputs(m, k, dtype, device, pad, dyadic=group is not None)
+            got = fp4_rows(x) if group is None else fp4_rows(x, rotation_matrix(group, x.device, dtype))
+            want = gemm_operand(x.cpu() if group is None else rotate(x.cpu(), group), "vector")
+            results[f"{m}x{k} pad {pad} rotation {group} {dtype}"] = [
                 [tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)]
                 for g, w in zip(got, want)]
     return results
 
 
 def _check(results: dict) -> None:
-    assert len(results) == (len(SHAPES) + 1) * len(DTYPES)
+    assert len(results) == (len(SHAPES) + 1 + len(ROTATED)) * len(DTYPES)
     for name, outputs in results.items():
         assert outputs == [[True, True]] * 2, (name, outputs)  # shape and bits of the values, the scales
 
@@ -80,6 +89,11 @@ def test_gpu_matches_reference_at_llm_widths():
         x = (torch.randn(64, k, generator=g) * torch.rand(64, 1, generator=g) * 8).bfloat16()
         got, want = fp4_rows(x.cuda()), gemm_operand(x, "vector")
         assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
+        if k % 128 == 0:  # rotated, with sums exact in FP32 (see _inputs)
+            x = (torch.randint(-64, 65, (64, k), generator=g) * torch.exp2(torch.randint(-8, 8, (64, 1), generator=g))).bfloat16()
+            got = fp4_rows(x.cuda(), rotation_matrix(128, "cuda", torch.bfloat16))
+            want = gemm_operand(rotate(x, 128), "vector")
+            assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), (k, "rotated")
 
 
 def test_rows_too_wide_name_the_reference():
@@ -88,23 +102,26 @@ def test_rows_too_wide_name_the_reference():
 
 
 @pytest.mark.parametrize("cc", [90, 100])
-@pytest.mark.parametrize("k", [2048, MAX_K])
-def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k):
+@pytest.mark.parametrize("k, group", [(2048, 0), (MAX_K, 0), (2048, 128), (5632, 128), (MAX_K, 128), (2048, 16)])
+def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
     """On any machine: the kernel builds for sm_90 and sm_100 at the launch shape the operator picks,
-    with an IEEE division for each row's reciprocal and Hopper's E4M3 conversion instruction."""
+    with an IEEE division for each row's reciprocal and Hopper's E4M3 conversion instruction; with a
+    rotation, its dot on TF32 tensor cores (mma / wgmma / tcgen05) rather than FP32 FMAs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fp4compile.runtime.kernels import fp4_rows_triton as rows
 
     block_m, block_k, warps = rows._launch_shape(k)
-    constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k}
-    signature = {"x_ptr": "*bf16", "v_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32",
+    constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
+                  "GROUP": group}
+    signature = {"x_ptr": "*bf16", "r_ptr": "*bf16", "v_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32",
                  **{name: "constexpr" for name in constexprs}}
     compiled = triton.compile(ASTSource(rows._fp4_rows_kernel, signature, constexprs=constexprs),
                               target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert bool(group) == bool(re.search(r"mma\S*\.tf32|tcgen05\.mma\S*kind::tf32", ptx))
     assert len(compiled.asm["cubin"]) > 0
 
 

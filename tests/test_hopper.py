@@ -1,5 +1,6 @@
 """The FP8 tensor-core path of scaled_gemm: its dispatch rules (CPU, in CI) and its numerics (CUDA)."""
 
+import copy
 import re
 
 import pytest
@@ -383,6 +384,32 @@ def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
     kernels = dict(re.findall(r"@triton\.jit\ndef (\w+)\((.*?)\n\'\'\'", code, re.S))
     silu_backward = [source for name, source in kernels.items() if "silu_backward" in name]
     assert len(silu_backward) == 1 and silu_backward[0].count("tl.store(") == 2, silu_backward
+
+
+@needs_fp8
+def test_rotated_recipe_rotates_activations_inside_their_quantize():
+    """The rotated recipe's compiled step: each shared activation (x, h, the SwiGLU output) rotated and
+    quantized by one fused kernel launched from Inductor's code, and the step agrees with the CPU's
+    reference path (hadamard.rotate, then gemm_operand) up to BF16 rounding."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    config = FP4Config.from_recipe_name("rotated")
+    model = _SharedInputs().bfloat16()
+    x = torch.randn(128, 256, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch._dynamo.reset()
+        m = copy.deepcopy(model).to(device)
+        xd = x.to(device).requires_grad_()
+        compiled = torch.compile(m, backend=fp4compile.backend(config))
+        _, codes = run_and_get_code(lambda: compiled(xd).float().square().mean().backward())
+        results[device] = [t.float().cpu() for t in (xd.grad, m.q.weight.grad, m.down.weight.grad)]
+    code = "\n".join(codes)
+    assert not re.findall(r"torch\.ops\.fp4compile\.\w+\.default\(", code)
+    assert len(re.findall(r"\b_fp4_rows_kernel_\d+\.run\(", code)) == 3
+    for got, want in zip(results["cuda"], results["cpu"]):
+        assert (got - want).norm() <= 2e-2 * want.norm()
 
 
 @needs_fp8

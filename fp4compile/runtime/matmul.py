@@ -19,7 +19,7 @@ from fp4compile.config import FP4Config
 from fp4compile.runtime.dge import dge_derivative
 from fp4compile.runtime.fp8 import get_fp8_dtype, grad_operands, has_fp8_kernels
 from fp4compile.passes.recompute import ANNOTATION as RECOMPUTE
-from fp4compile.runtime.hadamard import rotate
+from fp4compile.runtime.hadamard import rotate, rotation_matrix
 from fp4compile.runtime.gemm import (block_gemm, native_block, native_block_gemm, native_gemm, row_scale_as_columns,
                                      scaled_gemm)
 from fp4compile.runtime.occ import occ_clamp
@@ -38,26 +38,30 @@ class MatmulSpec:
     name: str | None = None
 
 
-def _activation_operand(x, format: str):
-    """gemm_operand(x, format) of an activation. On CUDA sm_89+, in the "vector" format, a Triton kernel
-    computes the same bits reading x once (kernels/fp4_rows_triton.py). Weights stay with Inductor: through
-    the kernel, their extra operator calls per step cost more host time than the kernel saved GPU time
-    (CHANGELOG.md; measured when each call went through the dispatcher, before Inductor launched the
-    kernel itself), and DGE's backward shares their scales by AOTAutograd's CSE."""
+def _activation_operand(x, format: str, rotation: int | None = None):
+    """gemm_operand(x, format) of an activation, or of hadamard.rotate(x, rotation). On CUDA sm_89+, in the
+    "vector" format, a Triton kernel computes the same bits reading x once, rotating it on the way
+    (kernels/fp4_rows_triton.py). Weights stay with Inductor: through the kernel, their extra operator
+    calls per step cost more host time than the kernel saved GPU time (CHANGELOG.md; measured when each
+    call went through the dispatcher, before Inductor launched the kernel itself), and DGE's backward
+    shares their scales by AOTAutograd's CSE."""
     if format == "vector" and x.dim() and x.is_cuda and x.numel() and has_fp8_kernels(x.device):
         from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows
 
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[1] <= MAX_K:
-            values, scale = fp4_rows(rows)
+            matrix = None if rotation is None else rotation_matrix(rotation, x.device, x.dtype)
+            values, scale = fp4_rows(rows, matrix)
             return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
-    return gemm_operand(x, format)
+    return gemm_operand(x if rotation is None else rotate(x, rotation), format)
 
 
-def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool = False):
+def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool = False,
+              rotation: int | None = None):
     """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
     kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
-    into the kernel's codes and scales, and values and outer decoded from those."""
+    into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: an
+    activation rotated inside its quantize (``_activation_operand``)."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
@@ -69,7 +73,7 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
         values, outer = gemm_values(rows)
         outer = outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
         return values.reshape(x.shape), outer, residual, rows
-    values, outer = gemm_operand(x, config.format) if is_weight else _activation_operand(x, config.format)
+    values, outer = gemm_operand(x, config.format) if is_weight else _activation_operand(x, config.format, rotation)
     return values, outer, residual, None
 
 
@@ -80,15 +84,26 @@ def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dt
         return rotate(x.to(dtype), config.rotation)
 
 
+def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool):
+    """(x as the GEMM multiplies it, ``_quantize``'s tuple) of one forward operand, rotated along K where
+    config.rotation says. An activation that nothing but its quantize reads rotated (OCC off, quantized
+    backward operands) is rotated inside the quantize (one kernel on CUDA) and comes back unrotated."""
+    if not config.rotation:
+        return x, _quantize(x, is_weight, config, dtype, packed)
+    if is_weight or config.occ or config.backward_operands == "original":
+        x = rotated(x, is_weight, config, dtype)
+        return x, _quantize(x, is_weight, config, dtype, packed)
+    x = x.to(dtype)
+    return x, _quantize(x, is_weight, config, dtype, packed, config.rotation)
+
+
 def forward_operands(a, b, a_is_weight: bool, b_is_weight: bool, config: FP4Config, dtype: torch.dtype,
                      packed: bool = False):
-    """Both forward operands rotated along K (config.rotation) and quantized (``_quantize``): (a, b as
-    rotated, (va, oa, ra, pa), (vb, ob, rb, pb)). With a rotation, (a D H')(b D H')^T = rotation * a b^T,
-    so A's side (its scale and OCC residual) takes the power of two out, exactly."""
-    if config.rotation:
-        a, b = rotated(a, a_is_weight, config, dtype), rotated(b, b_is_weight, config, dtype)
-    va, oa, ra, pa = _quantize(a, a_is_weight, config, dtype, packed)
-    qb = _quantize(b, b_is_weight, config, dtype, packed)
+    """Both forward operands rotated along K (config.rotation) and quantized (``_operand``): (a, b as
+    the GEMM multiplies them, (va, oa, ra, pa), (vb, ob, rb, pb)). With a rotation, (a D H')(b D H')^T =
+    rotation * a b^T, so A's side (its scale and OCC residual) takes the power of two out, exactly."""
+    a, (va, oa, ra, pa) = _operand(a, a_is_weight, config, dtype, packed)
+    b, qb = _operand(b, b_is_weight, config, dtype, packed)
     if config.rotation:
         oa, ra = oa / config.rotation, None if ra is None else ra / config.rotation
     return a, b, (va, oa, ra, pa), qb

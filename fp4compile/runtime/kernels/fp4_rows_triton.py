@@ -8,6 +8,12 @@ SwiGLU output that cost more than twice BF16's silu-multiply (CHANGELOG.md). Her
 and each program holds BLOCK_M whole rows in registers (BLOCK_K, the next power of two of K, at most
 MAX_K). An operator of kernels/triton_operator.py, as kernels/transpose_triton.py says why: AOTAutograd's
 CSE merges the calls for an input several sites share (q/k/v's, gate/up's).
+
+With a rotation matrix (``FP4Config.rotation``: hadamard.rotation_matrix, [G, G] in x's dtype), each row
+is first multiplied by it in groups of G along K (one tensor-core dot per program, FP32 accumulation,
+rounded to x's dtype as ``hadamard.rotate`` rounds it), so the rotated activation is never stored: the
+bits of ``gemm_operand(rotate(x, G), "vector")`` wherever the dot's FP32 sums are exact (the order of
+the additions is the kernel's own, as it is cuBLAS's in the reference's GEMM).
 """
 
 import torch
@@ -16,20 +22,40 @@ import triton.language as tl
 
 from fp4compile.runtime.e2m1 import E2M1_MAX
 from fp4compile.runtime.kernels.triton_operator import define
-from fp4compile.runtime.kernels.triton_quantize import absmax_scale, e2m1_rne, magnitude_bits
+from fp4compile.runtime.kernels.triton_quantize import absmax_scale, bf16_rne, e2m1_rne, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
 MAX_K = 16384  # BLOCK_K FP32 values over 8 warps, 64 per thread
 
 
 @triton.jit
-def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rotated(x, r_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] times the [GROUP, GROUP] matrix at r_ptr in groups of GROUP along K, rounded
+    to x's dtype, in FP32. The dot takes FP32 operands: BF16 and FP16 values (and the matrix's +-1) are
+    exact in TF32, so the TF32 tensor-core products are exact, as BF16 ones would be (and Triton's
+    interpreter, which multiplies BF16 dots wrongly, gets them right); FP32 inputs take IEEE products."""
+    idx = tl.arange(0, GROUP)
+    r = tl.load(r_ptr + idx[:, None] * GROUP + idx[None, :]).to(tl.float32)
+    groups = tl.reshape(x.to(tl.float32), (BLOCK_M * BLOCK_K // GROUP, GROUP))
+    if x.dtype == tl.float32:
+        y = tl.dot(groups, r, input_precision="ieee")
+    else:
+        y = tl.dot(groups, r, input_precision="tf32")
+        y = bf16_rne(y) if x.dtype == tl.bfloat16 else y.to(x.dtype).to(tl.float32)
+    return tl.reshape(y, (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def _fp4_rows_kernel(x_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < M
     mask = rmask[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
+    if GROUP:
+        x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP)
+    x = x.to(tl.float32)
     amax = tl.max(magnitude_bits(x), axis=1).to(tl.float32, bitcast=True)
     scale, recip = absmax_scale(amax, INV_MAX, MIN_SCALE)
     values = e2m1_rne(x * recip[:, None])
@@ -45,23 +71,29 @@ def _launch_shape(k: int) -> tuple[int, int, int]:
     return block_m, block_k, block_m * block_k // 2048
 
 
-def _fp4_rows(ex, x):
+def _fp4_rows(ex, x, rotation=None):
     m, k = ex.size(x)
     width = ex.static(k)
     if width > MAX_K:
         raise ValueError(f"fp4_rows takes rows of at most {MAX_K} elements, got {k}; quantize.gemm_operand takes any")
+    group = 0 if rotation is None else ex.static(ex.size(rotation)[0])
+    if group and (width % group or ex.dtype(rotation) != ex.dtype(x)):
+        raise ValueError(f"fp4_rows rotates rows of {k} elements in groups of {group} with a matrix of x's dtype "
+                         f"({ex.dtype(x)}), got {ex.dtype(rotation)}; K must be a multiple of the group")
     block_m, block_k, warps = _launch_shape(width)
     x = ex.contiguous(x)
+    rotation = x if rotation is None else ex.contiguous(rotation)  # unread without a rotation
     values, scale = ex.empty((m, k), torch.float8_e4m3fn), ex.empty((m, 1), torch.float32)
     if m:
-        ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),), {"x_ptr": x, "v_ptr": values, "s_ptr": scale, "M": m, "K": k},
+        ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),),
+               {"x_ptr": x, "r_ptr": rotation, "v_ptr": values, "s_ptr": scale, "M": m, "K": k},
                {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                "num_warps": warps})
+                "GROUP": group, "num_warps": warps})
     return values, scale
 
 
-# x [M, K] (CUDA, 0 < K <= MAX_K) -> (E2M1 values in float8_e4m3fn [M, K], FP32 scale [M, 1]):
-# gemm_operand(x, "vector").
-fp4_rows = define("fp4_rows(Tensor x) -> (Tensor, Tensor)", _fp4_rows,
-                  lambda x: (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-                             x.new_empty((x.shape[0], 1), dtype=torch.float32)))
+# x [M, K] (CUDA, 0 < K <= MAX_K), optionally a [G, G] rotation of x's dtype (G dividing K) -> (E2M1
+# values in float8_e4m3fn [M, K], FP32 scale [M, 1]): gemm_operand(x, "vector"), or of hadamard.rotate(x, G).
+fp4_rows = define("fp4_rows(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor)", _fp4_rows,
+                  lambda x, rotation=None: (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+                                            x.new_empty((x.shape[0], 1), dtype=torch.float32)))

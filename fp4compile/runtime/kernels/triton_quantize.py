@@ -1,7 +1,8 @@
 """The reference quantizers' formulas restated for Triton kernels (Triton cannot call torch): absmax
-scales and their reciprocals (quantize.py, fp8.py), E2M1 rounding (e2m1.py) and E4M3 rounding. E4M3
-rounding is integer arithmetic rather than a float8 cast, so that the result is the same wherever the
-kernel runs (Triton's interpreter does not round float8 casts); E2M1 values are exact in any float8."""
+scales and their reciprocals (quantize.py, fp8.py), E2M1 rounding (e2m1.py), E4M3 and BF16 rounding.
+E4M3 and BF16 rounding are integer arithmetic rather than casts, so that the result is the same wherever
+the kernel runs (Triton's interpreter does not round float8 casts and truncates BF16 ones); E2M1 values
+are exact in any float8."""
 
 import triton
 import triton.language as tl
@@ -18,6 +19,14 @@ def e4m3_rne(s):
     value = tl.where(is_sub, sub * 0.001953125, rbits.to(tl.float32, bitcast=True))
     byte = tl.where(is_sub, sub.to(tl.int32), ((((rbits >> 23) & 0xFF) - 120) << 3) | ((rbits >> 20) & 7))
     return value, tl.where(s != s, 0x7F, byte)
+
+
+@triton.jit
+def bf16_rne(v):
+    """FP32 ``v`` rounded to BF16 (nearest, ties to even; inf and NaN kept), as an FP32 value."""
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 = 0xFFFF0000
+    return tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
 
 
 @triton.jit
