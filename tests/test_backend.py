@@ -17,6 +17,7 @@ from fp4compile import FP4Config
 from fp4compile import dynamo_backend
 from fp4compile.dynamo_backend import fp4_backend, inductor_patches
 from fp4compile.passes.find_sites import clean_fqn
+from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 
 
 def _mlp(d_in=64):
@@ -123,13 +124,19 @@ def test_unsupported_sites_keep_the_original_op_with_a_reason():
     assert "fp4compile" not in code
 
 
-def test_rotation_skips_a_reduction_dim_it_does_not_divide():
-    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 8))
-    report, _ = rewritten(model, torch.randn(4, 96), config=FP4Config.from_recipe_name("rotated", rotation=64))
-    first, second = report["sites"]
-    assert first["status"] == "skipped" and "not a multiple of the rotation group 64" in first["reason"]
-    assert "set rotation=32" in first["reason"]
-    assert second["status"] == "fp4"
+def test_rotation_takes_the_largest_group_dividing_each_reduction_dim():
+    """K = 96 takes 32, K = 64 the configured 64; K = 40 (no group divides it) stays in high precision.
+    Each site's product equals its own group's (the network computed site by site with that config)."""
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 40), nn.Linear(40, 8))
+    x = torch.randn(4, 96)
+    config = FP4Config.from_recipe_name("rotated", rotation=64, grad_dtype=None)
+    report, _ = rewritten(model, x, config=config)
+    assert [(s["status"], s["rotation"]) for s in report["sites"]] == [("fp4", 32), ("fp4", 64), ("skipped", None)]
+    assert "not a multiple of 16, the smallest rotation group" in report["sites"][2]["reason"]
+    y = torch.compile(model, backend=fp4compile.backend(config, inner="aot_eager"))(x)
+    h = fp4_matmul_nt(x, model[0].weight, model[0].bias, MatmulSpec(config.replace(rotation=32)))
+    h = fp4_matmul_nt(h, model[1].weight, model[1].bias, MatmulSpec(config))
+    assert torch.equal(y, model[2](h))
 
 
 def test_einsum_forms():

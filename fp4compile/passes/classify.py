@@ -14,7 +14,7 @@ from fp4compile.passes import names
 from fp4compile.passes.find_sites import Site, clean_fqn, example, hint
 from fp4compile.runtime import unbiased
 from fp4compile.runtime.formats import get_format
-from fp4compile.runtime.hadamard import largest_group_dividing
+from fp4compile.runtime.hadamard import GROUP_SIZES, group_for
 
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "type"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.Tensor.to, torch.Tensor.t}
@@ -156,12 +156,18 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
             f"reduction dim of size {site.reduction} is not a multiple of {config.format}'s block of {block}; "
             "use format='vector' or pad the dim"
         )
-    rotation = config.rotation
-    if rotation and site.reduction is not None and not bool(site.reduction % rotation == 0):
-        fit = largest_group_dividing(site.reduction, rotation)
-        return (f"reduction dim of size {site.reduction} is not a multiple of the rotation group {rotation}; "
-                f"pad the dim{f', set rotation={fit}' if fit else ''} or exclude the module")
+    if config.rotation and site.reduction is not None and group_for(site.reduction, config.rotation) is None:
+        return (f"reduction dim of size {site.reduction} is not a multiple of {GROUP_SIZES[0]}, the smallest "
+                "rotation group; pad the dim, set rotation=None or exclude the module")
     return None
+
+
+def rotation_of(site: Site, config: FP4Config) -> int | None:
+    """The rotation group a quantized site takes: config.rotation, or where that does not divide the
+    reduction dim, the largest smaller group that does (hadamard.group_for)."""
+    if not config.rotation or site.reduction is None:
+        return config.rotation
+    return group_for(site.reduction, config.rotation)
 
 
 def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
@@ -192,4 +198,6 @@ def classify(sites: list[Site], params: dict[fx.Node, str], config: FP4Config) -
         reason = _skip_reason(site, config)
         if reason:
             site.skip(reason)
+        else:
+            site.rotation = rotation_of(site, config)
     check_unbiased_dims(sites, config)

@@ -52,6 +52,7 @@ class Site:
     subgraph: str | None = None  # the path of the node's GraphModule from Dynamo's graph (None: that graph)
     reduction: object = None
     weights: tuple = (None, None)
+    rotation: int | None = None  # the rotation group of a quantized site (classify.rotation_of)
     status: str = "fp4"
     reason: str | None = None
 

@@ -99,6 +99,7 @@ def site_record(site: Site, config: FP4Config, root: str | None = None) -> dict:
         "reduction": None if site.reduction is None else _size(site.reduction),
         "status": site.status,
         "reason": site.reason,
+        "rotation": site.rotation,
         "gemm": gemm_plan(site, tensors, config),
     }
 

@@ -14,7 +14,7 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], config: FP4Config) -> None:
             continue
         out = example(site.node)
         spec = MatmulSpec(
-            config,
+            config if site.rotation == config.rotation else config.replace(rotation=site.rotation),
             a_is_weight=site.weights[0] is not None,
             b_is_weight=site.weights[1] is not None,
             out_dtype=out.dtype if out is not None else None,

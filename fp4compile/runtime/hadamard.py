@@ -38,10 +38,10 @@ def check_group(group: int) -> None:
         raise ValueError(f"Hadamard group size must be one of {GROUP_SIZES}, got {group}")
 
 
-def largest_group_dividing(size, below: int) -> int | None:
-    """The largest Hadamard group smaller than ``below`` that divides ``size`` (None if none does): the
-    group an error message suggests when ``below`` does not divide a dim."""
-    fits = [g for g in GROUP_SIZES if g < below and bool(size % g == 0)]
+def group_for(size, at_most: int) -> int | None:
+    """The largest Hadamard group of at most ``at_most`` that divides ``size`` (None if none does): the
+    group a rotation of at most ``at_most`` takes along a dim of ``size``, or an error message suggests."""
+    fits = [g for g in GROUP_SIZES if g <= at_most and bool(size % g == 0)]
     return fits[-1] if fits else None
 
 

@@ -21,7 +21,7 @@ torch 2.13), which breaks the rotation's cancellation; inside the op the draws h
 import torch
 
 from fp4compile.runtime.gemm import nvfp4_gemm, scaled_gemm
-from fp4compile.runtime.hadamard import largest_group_dividing, random_signs
+from fp4compile.runtime.hadamard import group_for, random_signs
 from fp4compile.runtime.kernels import rotate_quantize as rq
 from fp4compile.runtime.quantize import gemm_operand, tiles_operand
 
@@ -50,7 +50,7 @@ def dim_problems(config, name: str | None, m, n, k, *, tiled: bool, need_dx: boo
     rotated = f"Hadamard groups of {group}"
 
     def smaller(size):
-        fit = largest_group_dividing(size, group)
+        fit = group_for(size, group // 2)
         return f", or set hadamard_group={fit}" if fit else ""
 
     features = "pad the output features to a multiple of {}"
