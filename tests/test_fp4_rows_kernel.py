@@ -114,10 +114,11 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
 
     block_m, block_k, warps = rows._launch_shape(k)
     constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                  "GROUP": group}
-    signature = {"x_ptr": "*bf16", "r_ptr": "*bf16", "v_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32",
-                 **{name: "constexpr" for name in constexprs}}
-    compiled = triton.compile(ASTSource(rows._fp4_rows_kernel, signature, constexprs=constexprs),
+                  **({"GROUP": group} if group else {})}
+    pointers = {"x_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
+    signature = {**pointers, "M": "i32", "K": "i32", **{name: "constexpr" for name in constexprs}}
+    kernel = rows._rotated_fp4_rows_kernel if group else rows._fp4_rows_kernel
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                               target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx

@@ -407,7 +407,8 @@ def test_rotated_recipe_rotates_activations_inside_their_quantize():
         results[device] = [t.float().cpu() for t in (xd.grad, m.q.weight.grad, m.down.weight.grad)]
     code = "\n".join(codes)
     assert not re.findall(r"torch\.ops\.fp4compile\.\w+\.default\(", code)
-    assert len(re.findall(r"\b_fp4_rows_kernel_\d+\.run\(", code)) == 3
+    assert len(re.findall(r"\b_rotated_fp4_rows_kernel_\d+\.run\(", code)) == 3
+    assert not re.findall(r"\b_fp4_rows_kernel_\d+\.run\(", code)
     for got, want in zip(results["cuda"], results["cpu"]):
         assert (got - want).norm() <= 2e-2 * want.norm()
 

@@ -46,21 +46,39 @@ def _rotated(x, r_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.c
 
 
 @triton.jit
-def _fp4_rows_kernel(x_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+def _tile(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_M rows of x (x's dtype), their offsets and masks."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < M
     mask = rmask[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
-    if GROUP:
-        x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP)
-    x = x.to(tl.float32)
+    offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
+    return tl.load(x_ptr + offsets, mask=mask, other=0.0), offsets, rows, rmask, mask
+
+
+@triton.jit
+def _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """Each row of x (FP32) quantized: its absmax scale, its E2M1 values."""
     amax = tl.max(magnitude_bits(x), axis=1).to(tl.float32, bitcast=True)
     scale, recip = absmax_scale(amax, INV_MAX, MIN_SCALE)
     values = e2m1_rne(x * recip[:, None])
-    tl.store(v_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], values.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offsets, values.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, scale, mask=rmask)
+
+
+@triton.jit
+def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    x, offsets, rows, rmask, mask = _tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
+    _store_rows(x.to(tl.float32), offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
+
+
+@triton.jit
+def _rotated_fp4_rows_kernel(x_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    x, offsets, rows, rmask, mask = _tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
+    x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP)
+    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
 
 
 def _launch_shape(k: int) -> tuple[int, int, int]:
@@ -82,13 +100,15 @@ def _fp4_rows(ex, x, rotation=None):
                          f"({ex.dtype(x)}), got {ex.dtype(rotation)}; K must be a multiple of the group")
     block_m, block_k, warps = _launch_shape(width)
     x = ex.contiguous(x)
-    rotation = x if rotation is None else ex.contiguous(rotation)  # unread without a rotation
     values, scale = ex.empty((m, k), torch.float8_e4m3fn), ex.empty((m, 1), torch.float32)
-    if m:
-        ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),),
-               {"x_ptr": x, "r_ptr": rotation, "v_ptr": values, "s_ptr": scale, "M": m, "K": k},
-               {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                "GROUP": group, "num_warps": warps})
+    args = {"x_ptr": x, "v_ptr": values, "s_ptr": scale, "M": m, "K": k}
+    meta = {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
+            "num_warps": warps}
+    if m and group:
+        ex.run(_rotated_fp4_rows_kernel, (ex.cdiv(m, block_m),), {**args, "r_ptr": ex.contiguous(rotation)},
+               {**meta, "GROUP": group})
+    elif m:
+        ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),), args, meta)
     return values, scale
 
 
