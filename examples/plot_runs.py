@@ -63,7 +63,8 @@ def plot(runs: list[dict], out: Path) -> None:
         ax.set_ylabel("cross-entropy (nats/byte)")
         ax.grid(alpha=0.3)
     axes[1].legend()
-    fig.suptitle(runs[0]["header"]["preset"] + " preset, " + runs[0]["header"]["device"])
+    devices = sorted({r["header"]["device"] for r in runs})  # runs may come from several machines
+    fig.suptitle(runs[0]["header"]["preset"] + " preset, " + " and ".join(devices))
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
