@@ -90,7 +90,8 @@ def test_gpu_matches_reference_at_llm_widths():
         got, want = fp4_rows(x.cuda()), gemm_operand(x, "vector")
         assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
         if k % 128 == 0:  # rotated, with sums exact in FP32 (see _inputs)
-            x = (torch.randint(-64, 65, (64, k), generator=g) * torch.exp2(torch.randint(-8, 8, (64, 1), generator=g))).bfloat16()
+            scales = torch.exp2(torch.randint(-8, 8, (64, 1), generator=g).float())
+            x = (torch.randint(-64, 65, (64, k), generator=g) * scales).bfloat16()
             got = fp4_rows(x.cuda(), rotation_matrix(128, "cuda", torch.bfloat16))
             want = gemm_operand(rotate(x, 128), "vector")
             assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), (k, "rotated")
