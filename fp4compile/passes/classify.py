@@ -156,15 +156,12 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
             f"reduction dim of size {site.reduction} is not a multiple of {config.format}'s block of {block}; "
             "use format='vector' or pad the dim"
         )
-    if config.rotation and site.reduction is not None and group_for(site.reduction, config.rotation) is None:
-        return (f"reduction dim of size {site.reduction} is not a multiple of {GROUP_SIZES[0]}, the smallest "
-                "rotation group; pad the dim, set rotation=None or exclude the module")
     return None
 
 
 def rotation_of(site: Site, config: FP4Config) -> int | None:
     """The rotation group a quantized site takes: config.rotation, or where that does not divide the
-    reduction dim, the largest smaller group that does (hadamard.group_for)."""
+    reduction dim, the largest smaller group that does (hadamard.group_for; None if none does)."""
     if not config.rotation or site.reduction is None:
         return config.rotation
     return group_for(site.reduction, config.rotation)
@@ -196,8 +193,11 @@ def classify(sites: list[Site], params: dict[fx.Node, str], config: FP4Config) -
             continue
         site.weights = tuple(weight_of(n, params) for n in site.operands)
         reason = _skip_reason(site, config)
+        if reason is None and config.rotation:
+            site.rotation = rotation_of(site, config)
+            if site.rotation is None:
+                reason = (f"reduction dim of size {site.reduction} is not a multiple of {GROUP_SIZES[0]}, the "
+                          "smallest rotation group; pad the dim, set rotation=None or exclude the module")
         if reason:
             site.skip(reason)
-        else:
-            site.rotation = rotation_of(site, config)
     check_unbiased_dims(sites, config)
