@@ -60,7 +60,8 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
     """A torch.compile backend that quantizes matmuls as ``config`` says (default: the paper's recipe).
 
     ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with Inductor's default
-    settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor"), or
+    settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor",
+    except ``emulate_precision_casts``, on by default: compiled numerics equal eager's), or
     "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for debugging)."""
     config = config or FP4Config()
     if inner not in INNER_COMPILERS:
@@ -73,6 +74,9 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
             prepare_inductor()
+            # Fused kernels round where eager rounds (to BF16: DGE's factor, a rotated weight recomputed for
+            # DGE): without it Inductor skips those casts and the weight gradients drift from eager's.
+            patches.setdefault("emulate_precision_casts", True)
             if config.rotation:
                 previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
                 patches["joint_custom_pre_pass"] = RecomputeRotations(previous)
