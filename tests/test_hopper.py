@@ -401,7 +401,7 @@ def test_rotated_recipe_rotates_activations_inside_their_quantize():
     for device in ("cpu", "cuda"):
         torch._dynamo.reset()
         m = copy.deepcopy(model).to(device)
-        xd = x.to(device).requires_grad_()
+        xd = x.detach().to(device).requires_grad_()
         compiled = torch.compile(m, backend=fp4compile.backend(config))
         _, codes = run_and_get_code(lambda: compiled(xd).float().square().mean().backward())
         results[device] = [t.float().cpu() for t in (xd.grad, m.q.weight.grad, m.down.weight.grad)]
