@@ -379,7 +379,7 @@ def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
 
     assert not re.findall(r"torch\.ops\.fp4compile\.\w+\.default\(", code)  # no operator calls left
     assert launches("_transpose_tiles") == 3 + 6
-    assert launches("_amax_kernel") == launches("_quantize_kernel") == 6
+    assert launches("_amax_kernel") == launches("_scale_kernel") == launches("_quantize_kernel") == 6
     assert launches("_fp4_rows_kernel") == 3  # x, h, the SwiGLU output
     kernels = dict(re.findall(r"@triton\.jit\ndef (\w+)\((.*?)\n\'\'\'", code, re.S))
     silu_backward = [source for name, source in kernels.items() if "silu_backward" in name]

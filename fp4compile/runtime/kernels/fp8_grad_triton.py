@@ -6,16 +6,16 @@ of ``fp8.quantize_fp8_rows``; this computes the same bits. Inductor fuses those 
 but as a column-amax kernel plus a looped row reduction that reads the producer's inputs twice per row
 and stores the dW operand in dY's layout, so a transpose kernel follows. Here pass 1 reduces each tile's
 row and column amaxes into one vector (an atomic max on the float bits, which order like the floats
-since they are >= 0; a NaN's bits order above inf's), and pass 2 re-reads each tile, turns its rows' and
-columns' amaxes into scales and reciprocals (an FP32 IEEE division each, ``div_rn``: cheap next to the
-tile; the first column of tiles stores the rows' scales, the first row of tiles the columns'), quantizes
-the tile both ways and stores the dW operand transposed (Triton moves the tile through shared memory, so
-both stores coalesce).
+since they are >= 0; a NaN's bits order above inf's), a small kernel turns the M + N amaxes into scales
+and their reciprocals, and pass 2 re-reads each tile, quantizes it both ways and stores the dW operand
+transposed (Triton moves the tile through shared memory, so both stores coalesce). Each reciprocal is
+computed once, not (in float64) in every tile that needs it: replicated per tile, the float64
+divisions bounded pass 2 well below copy bandwidth (CHANGELOG.md).
 
 An operator of kernels/triton_operator.py rather than a ``triton_op``: its schema says dY is only read,
 so the compiled backward writes dY once (traced as a triton_op, each kernel's inputs went through torch's
 analysis of what a kernel mutates, and the compiled backward stored dY once per kernel: CHANGELOG.md);
-Inductor launches the two kernels from its generated code.
+Inductor launches the three kernels from its generated code.
 """
 
 import torch
@@ -29,6 +29,7 @@ from fp4compile.runtime.quantize import MIN_SCALE
 # (BLOCK_M, BLOCK_N, warps), the fastest tiles for 16384 x {2048, 4096, 5632, 14336} (CHANGELOG.md).
 AMAX_TILE = (128, 64, 4)
 QUANTIZE_TILE = (64, 128, 4)
+_SCALE_BLOCK = 1024
 
 
 @triton.jit
@@ -53,21 +54,26 @@ def _amax_kernel(x_ptr, fc_ptr, fr_ptr, amax_ptr, M, N, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, fc_ptr, fr_ptr, amax_ptr, dx_ptr, dw_ptr, dx_scale_ptr, dw_scale_ptr, M, N,
-                     INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scale_kernel(amax_ptr, recip_ptr, dx_scale_ptr, dw_scale_ptr, M, N, INV_MAX: tl.constexpr,
+                  MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """Each amax (as the int32 bits _amax_kernel maxed) as a scale, as fp8.quantize_fp8_rows computes it,
-    and the tile quantized by the scales' reciprocals."""
+    and the scale's reciprocal."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    amax = tl.load(amax_ptr + i, mask=i < M + N, other=0).to(tl.float32, bitcast=True)
+    s, recip = absmax_scale(amax, INV_MAX, MIN_SCALE)
+    tl.store(recip_ptr + i, recip, mask=i < M + N)
+    tl.store(dx_scale_ptr + i, s, mask=i < M)
+    tl.store(dw_scale_ptr + i - M, s, mask=(i >= M) & (i < M + N))
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, fc_ptr, fr_ptr, recip_ptr, dx_ptr, dw_ptr, M, N, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     for_dx, for_dw, rmask, cmask, mask = _tile(x_ptr, fc_ptr, fr_ptr, rows, cols, M, N)
-    row_s, row_r = absmax_scale(tl.load(amax_ptr + rows, mask=rmask, other=0).to(tl.float32, bitcast=True),
-                                INV_MAX, MIN_SCALE)
-    col_s, col_r = absmax_scale(tl.load(amax_ptr + M + cols, mask=cmask, other=0).to(tl.float32, bitcast=True),
-                                INV_MAX, MIN_SCALE)
-    if tl.program_id(1) == 0:
-        tl.store(dx_scale_ptr + rows, row_s, mask=rmask)
-    if tl.program_id(0) == 0:
-        tl.store(dw_scale_ptr + cols, col_s, mask=cmask)
+    row_r = tl.load(recip_ptr + rows, mask=rmask, other=0.0)
+    col_r = tl.load(recip_ptr + M + cols, mask=cmask, other=0.0)
     dx = (for_dx * row_r[:, None]).to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], dx, mask=mask)
     dw = (for_dw * col_r[None, :]).to(dw_ptr.dtype.element_ty)
@@ -79,15 +85,17 @@ def _fp8_grad_operands(ex, dy, fold_cols, fold_rows, dtype: torch.dtype):
     dy, fold_cols, fold_rows = ex.contiguous(dy), ex.contiguous(fold_cols), ex.contiguous(fold_rows)
     dx, dw = ex.empty((m, n), dtype), ex.empty((n, m), dtype)
     dx_scale, dw_scale = ex.empty((m, 1), torch.float32), ex.empty((n, 1), torch.float32)
-    amax = ex.zeros((m + n,), torch.int32)
-    tiles = {"x_ptr": dy, "fc_ptr": fold_cols, "fr_ptr": fold_rows, "amax_ptr": amax, "M": m, "N": n}
+    amax, recip = ex.zeros((m + n,), torch.int32), ex.empty((m + n,), torch.float32)
+    tiles = {"x_ptr": dy, "fc_ptr": fold_cols, "fr_ptr": fold_rows, "M": m, "N": n}
     bm, bn, warps = AMAX_TILE
-    ex.run(_amax_kernel, (ex.cdiv(m, bm), ex.cdiv(n, bn)), tiles, {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps})
+    ex.run(_amax_kernel, (ex.cdiv(m, bm), ex.cdiv(n, bn)), {**tiles, "amax_ptr": amax},
+           {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps})
+    ex.run(_scale_kernel, (ex.cdiv(m + n, _SCALE_BLOCK),),
+           {"amax_ptr": amax, "recip_ptr": recip, "dx_scale_ptr": dx_scale, "dw_scale_ptr": dw_scale, "M": m, "N": n},
+           {"INV_MAX": 1.0 / torch.finfo(dtype).max, "MIN_SCALE": MIN_SCALE, "BLOCK": _SCALE_BLOCK, "num_warps": 4})
     bm, bn, warps = QUANTIZE_TILE
-    ex.run(_quantize_kernel, (ex.cdiv(m, bm), ex.cdiv(n, bn)),
-           {**tiles, "dx_ptr": dx, "dw_ptr": dw, "dx_scale_ptr": dx_scale, "dw_scale_ptr": dw_scale},
-           {"INV_MAX": 1.0 / torch.finfo(dtype).max, "MIN_SCALE": MIN_SCALE, "BLOCK_M": bm, "BLOCK_N": bn,
-            "num_warps": warps})
+    ex.run(_quantize_kernel, (ex.cdiv(m, bm), ex.cdiv(n, bn)), {**tiles, "recip_ptr": recip, "dx_ptr": dx, "dw_ptr": dw},
+           {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps})
     return dx, dx_scale, dw, dw_scale
 
 
