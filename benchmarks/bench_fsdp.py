@@ -25,9 +25,9 @@ from fp4compile import FP4Config
 
 VARIANTS = {
     "bf16_inductor": ("inductor", False),
-    "fp4_occ_off": (FP4Config(occ=False), False),
-    "fp4_occ_on": (FP4Config(), False),
-    "fp4_fp8rs": (FP4Config(occ=False), True),
+    "fp4_occ_off": (FP4Config.from_recipe_name("dge"), False),
+    "fp4_occ_on": (FP4Config.from_recipe_name("paper"), False),
+    "fp4_fp8rs": (FP4Config.from_recipe_name("dge"), True),
 }
 
 

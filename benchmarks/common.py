@@ -21,8 +21,8 @@ from fp4compile import FP4Config
 VARIANTS = {
     "bf16_eager": None,
     "bf16_inductor": "inductor",
-    "fp4_occ_off": FP4Config(occ=False),
-    "fp4_occ_on": FP4Config(),
+    "fp4_occ_off": FP4Config.from_recipe_name("dge"),
+    "fp4_occ_on": FP4Config.from_recipe_name("paper"),
     "fp4_rotated": FP4Config.from_recipe_name("rotated"),
     "fp4_nvfp4_occ_off": FP4Config.from_recipe_name("nvfp4", occ=False),
     "nvidia_nvfp4": FP4Config.from_recipe_name("nvidia_nvfp4"),

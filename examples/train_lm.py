@@ -212,7 +212,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="smoke")
-    p.add_argument("--recipe", default="paper", help="bf16, or an FP4Config recipe: " + ", ".join(fp4compile.RECIPES))
+    p.add_argument("--recipe", default="rotated", help="bf16, or an FP4Config recipe: " + ", ".join(fp4compile.RECIPES))
     p.add_argument("--tokens", type=float, help="training tokens (default: the preset's)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the preset's)")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -15,16 +15,18 @@ ModuleFilter = Sequence[str] | Callable[[str | None], bool] | None
 
 @dataclass(frozen=True)
 class FP4Config:
-    """How fp4compile quantizes the matmuls of a compiled graph. The defaults are the paper's recipe.
+    """How fp4compile quantizes the matmuls of a compiled graph. The defaults are the `rotated` recipe:
+    the paper's DGE with its OCC replaced by a Hadamard rotation (the paper's own recipe is "paper").
 
     format: FP4 scaling of both GEMM operands along the reduction dim: "vector" (per token for
         activations, per output channel for weights, FP32 scales), "mxfp4" or "nvfp4" (block formats).
     dge, dge_k, dge_clip: the differentiable gradient estimator on weights: the weight gradient is
         multiplied by f'(w / scale) with exponent k, f' clipped to at most dge_clip. False means STE.
     occ, occ_quantile: outlier clamping at the occ_quantile / 1 - occ_quantile quantiles of each
-        activation operand, with the clamped residual multiplied in high precision.
+        activation operand, with the clamped residual multiplied in high precision (the paper's; off by
+        default, where the rotation does its job).
     rotation: rotate both operands of every forward GEMM along K by a fixed randomized Hadamard
-        transform in groups of this size (16, 32, 64 or 128) before they are quantized, which spreads
+        transform in groups of this size (16, 32, 64 or 128; 128 by default) before they are quantized, which spreads
         each outlier over its group (what OCC's clamping handles otherwise, here with no compensation
         GEMM); None: no rotation. The product is unchanged in exact arithmetic, the gradients are rotated
         back, and DGE acts on the rotated weight. Needs format="vector" and backward="fp8". A matmul
@@ -68,10 +70,10 @@ class FP4Config:
     dge: bool = True
     dge_k: float = 5.0
     dge_clip: float = 3.0
-    occ: bool = True
+    occ: bool = False
     occ_quantile: float = 0.99
     occ_sample: int | None = 65536
-    rotation: int | None = None
+    rotation: int | None = 128
     grad_dtype: str | None = "float8_e5m2"
     backward_operands: str = "quantized"
     include: ModuleFilter = None
@@ -122,9 +124,11 @@ class FP4Config:
             return
         check_group(self.rotation)
         if self.format != "vector" or self.backward != "fp8":
-            raise ValueError(f"rotation={self.rotation} rotates the vector format's forward operands: use "
-                             f"format='vector' and backward='fp8' (got {self.format!r}, {self.backward!r}), "
-                             "or rotation=None")
+            recipe = {"nvidia": "nvidia_nvfp4", "quartet2": "quartet2"}.get(self.backward)
+            default = " (the default)" if self.rotation == FP4Config.rotation else ""
+            raise ValueError(f"rotation={self.rotation}{default} rotates the vector format's forward "
+                             f"operands, not format={self.format!r} with backward={self.backward!r}: add "
+                             f"rotation=None{f', or use the recipe {recipe!r}' if recipe else ''}")
 
     @classmethod
     def from_recipe_name(cls, name: str, **overrides) -> "FP4Config":
@@ -153,14 +157,18 @@ def _matches(filt, fqn: str | None) -> bool:
     return fqn is not None and any(fnmatch.fnmatchcase(fqn, p) for p in filt)
 
 
+# Each recipe spells out its estimators, so that none depends on which one is the default.
+_NO_ROTATION = {"rotation": None}
 RECIPES: dict[str, dict] = {
-    "paper": {},
-    "direct_cast": {"dge": False, "occ": False},
-    "dge": {"occ": False},
-    "occ": {"dge": False},
-    "rotated": {"occ": False, "rotation": 128},
-    "mxfp4": {"format": "mxfp4"},
-    "nvfp4": {"format": "nvfp4"},
-    "nvidia_nvfp4": {"format": "nvfp4", "dge": False, "occ": False, "backward": "nvidia", "hadamard_group": 16},
-    "quartet2": {"format": "nvfp4", "dge": False, "occ": False, "backward": "quartet2", "hadamard_group": 128},
+    "rotated": {"dge": True, "occ": False, "rotation": 128},
+    "paper": {"dge": True, "occ": True, **_NO_ROTATION},
+    "direct_cast": {"dge": False, "occ": False, **_NO_ROTATION},
+    "dge": {"dge": True, "occ": False, **_NO_ROTATION},
+    "occ": {"dge": False, "occ": True, **_NO_ROTATION},
+    "mxfp4": {"format": "mxfp4", "dge": True, "occ": True, **_NO_ROTATION},
+    "nvfp4": {"format": "nvfp4", "dge": True, "occ": True, **_NO_ROTATION},
+    "nvidia_nvfp4": {"format": "nvfp4", "dge": False, "occ": False, "backward": "nvidia", "hadamard_group": 16,
+                     **_NO_ROTATION},
+    "quartet2": {"format": "nvfp4", "dge": False, "occ": False, "backward": "quartet2", "hadamard_group": 128,
+                 **_NO_ROTATION},
 }

@@ -18,7 +18,7 @@ def rewritten(fn, *inputs, config: FP4Config | None = None, **compile_kwargs):
     captured = {}
 
     def capture(gm, example_inputs):
-        captured["report"] = fp4_pass(gm, example_inputs, config or FP4Config())
+        captured["report"] = fp4_pass(gm, example_inputs, config or FP4Config.from_recipe_name("paper"))
         captured["code"] = readable_code(gm)
         return gm
 

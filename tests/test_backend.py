@@ -17,6 +17,7 @@ from fp4compile import FP4Config
 from fp4compile import dynamo_backend
 from fp4compile.dynamo_backend import fp4_backend, inductor_patches
 from fp4compile.passes.find_sites import clean_fqn
+from fp4compile.passes.recompute import RecomputeRotations
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 
 
@@ -41,23 +42,36 @@ def test_backend_string_is_registered_by_entry_point():
     assert torch._dynamo.lookup_backend("fp4") is fp4_backend
 
 
+def test_the_default_is_the_rotated_recipe_and_recipes_name_their_estimators():
+    assert FP4Config() == FP4Config.from_recipe_name("rotated") == fp4compile.backend().config
+    assert (FP4Config().occ, FP4Config().rotation) == (False, 128)
+    paper = FP4Config.from_recipe_name("paper")
+    assert (paper.dge, paper.occ, paper.rotation) == (True, True, None)
+    for name in fp4compile.RECIPES:  # no recipe inherits the default's rotation unless it is the default
+        assert (FP4Config.from_recipe_name(name).rotation is not None) == (name == "rotated"), name
+    with pytest.raises(ValueError, match=r"rotation=128 \(the default\) .* add rotation=None"):
+        FP4Config(format="mxfp4")
+    with pytest.raises(ValueError, match="add rotation=None, or use the recipe 'nvidia_nvfp4'"):
+        FP4Config(format="nvfp4", backward="nvidia", dge=False)
+
+
 def test_recipes_and_config_errors():
-    assert FP4Config.from_recipe_name("direct_cast") == FP4Config(dge=False, occ=False)
+    assert FP4Config.from_recipe_name("direct_cast") == FP4Config.from_recipe_name("paper", dge=False, occ=False)
     assert FP4Config.from_recipe_name("paper", occ_quantile=0.999).occ_quantile == 0.999
     with pytest.raises(ValueError, match="choose one of"):
         FP4Config.from_recipe_name("fp5")
     with pytest.raises(ValueError, match="unknown FP4 format 'fp5'"):
-        FP4Config(format="fp5")
+        FP4Config.from_recipe_name("paper", format="fp5")
     with pytest.raises(ValueError, match="occ_quantile must be in"):
-        FP4Config(occ_quantile=0.3)
+        FP4Config.from_recipe_name("paper", occ_quantile=0.3)
     with pytest.raises(ValueError, match="float8_e5m2"):
-        FP4Config(grad_dtype="int8")
+        FP4Config.from_recipe_name("paper", grad_dtype="int8")
     with pytest.raises(ValueError, match="Hadamard group size must be one of"):
-        FP4Config(rotation=48)
-    with pytest.raises(ValueError, match="use format='vector' and backward='fp8'"):
-        FP4Config(format="mxfp4", rotation=32)
+        FP4Config.from_recipe_name("paper", rotation=48)
+    with pytest.raises(ValueError, match="not format='mxfp4' with backward='fp8': add rotation=None"):
+        FP4Config.from_recipe_name("paper", format="mxfp4", rotation=32)
     with pytest.raises(TypeError, match=r"exclude=\('lm_head',\)"):
-        FP4Config(exclude="lm_head")
+        FP4Config.from_recipe_name("paper", exclude="lm_head")
     with pytest.raises(TypeError, match="sets the backend itself"):
         fp4compile.compile(_mlp(), backend="inductor")
     with pytest.raises(ValueError, match="inner must be one of"):
@@ -101,11 +115,13 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     torch.testing.assert_close(torch.compile(model, backend="fp4", mode="reduce-overhead")(x), want)
     torch._dynamo.reset()
     torch.testing.assert_close(fp4compile.compile(model, options={"coordinate-descent-tuning": True})(x), want)
+    # The default recipe rotates: its joint-graph pass rides along with whatever else is asked for.
+    assert all(isinstance(p.pop("joint_custom_pre_pass"), RecomputeRotations) for p in patches)
     exact = {"emulate_precision_casts": True}
     assert patches == [exact, {**exact, "triton.cudagraphs": True}, {**exact, "coordinate_descent_tuning": True}]
     torch._dynamo.reset()
     torch.compile(model, backend="fp4", options={"emulate_precision_casts": False})(x)
-    assert patches[-1] == {"emulate_precision_casts": False}
+    assert patches[-1].pop("joint_custom_pre_pass") and patches[-1] == {"emulate_precision_casts": False}
     assert inductor_patches("max-autotune-no-cudagraphs") == {"max_autotune": True, "coordinate_descent_tuning": True}
     for kwargs, message in (({"options": {"no_such_option": 1}}, "unknown Inductor option 'no_such_option'"),
                             ({"mode": "fastest"}, "Unrecognized mode=fastest")):
@@ -120,10 +136,10 @@ def test_mode_and_options_reach_inductor(monkeypatch):
 def test_include_exclude_filters():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
     x = torch.randn(4, 64)
-    report, _ = rewritten(model, x, config=FP4Config(include=("1",), exclude=()))
+    report, _ = rewritten(model, x, config=FP4Config.from_recipe_name("paper", include=("1",), exclude=()))
     assert [s["status"] for s in report["sites"]] == ["skipped", "fp4"]
     assert "not matched by config.include" in report["sites"][0]["reason"]
-    report, _ = rewritten(model, x, config=FP4Config(exclude=lambda fqn: fqn == "0"))
+    report, _ = rewritten(model, x, config=FP4Config.from_recipe_name("paper", exclude=lambda fqn: fqn == "0"))
     assert [s["status"] for s in report["sites"]] == ["skipped", "fp4"]
 
 
@@ -174,7 +190,7 @@ def test_einsum_forms():
     assert "repeated index" in report["sites"][1]["reason"]
     assert "einsum with 1 operands" in report["sites"][2]["reason"]
     x = torch.randn(2, 16, 32)
-    y = fp4compile.compile(fn, config=FP4Config(occ=False))(x)[0]
+    y = fp4compile.compile(fn, config=FP4Config.from_recipe_name("paper", occ=False))(x)[0]
     ref = torch.einsum("btd,fd->btf", fp4compile.fake_quantize(x), fp4compile.fake_quantize(w.detach()))
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
@@ -191,7 +207,7 @@ def test_dumps_report_and_structured_trace(tmp_path, monkeypatch):
     monkeypatch.setattr(trace_log, "handlers", [handler])
     monkeypatch.setattr(trace_log, "level", logging.DEBUG)
     model = _mlp()
-    compiled = torch.compile(model, backend=CountingBackend(FP4Config(dump_dir=str(tmp_path))))
+    compiled = torch.compile(model, backend=CountingBackend(FP4Config.from_recipe_name("paper", dump_dir=str(tmp_path))))
     compiled(torch.randn(4, 64)).sum().backward()
     (graph_dir,) = tmp_path.iterdir()
     assert {p.name for p in graph_dir.iterdir()} == {"before.py", "after.py", "report.json"}
@@ -234,8 +250,9 @@ def test_train_step_decorator_bare_and_configured():
 
     bare = fp4compile.train_step(step)
     configured = fp4compile.train_step(config="direct_cast")(step)
-    losses = [bare(x, target).item() for _ in range(3)] + [configured(x, target).item() for _ in range(3)]
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    for fn in (bare, configured):  # each recipe trains; their losses differ by their quantization
+        losses = [fn(x, target).item() for _ in range(3)]
+        assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert bare.__name__ == "step"
 
 
@@ -254,7 +271,7 @@ def test_inference_no_grad_and_inference_mode():
 
 def test_dynamic_shapes_do_not_recompile_and_stay_exact():
     model = _mlp()
-    backend = CountingBackend(FP4Config(occ=False))
+    backend = CountingBackend(FP4Config.from_recipe_name("paper", occ=False))
     compiled = torch.compile(model, backend=backend, dynamic=True)
     for tokens in (8, 24, 40, 56):
         x = torch.randn(tokens, 64)
@@ -264,7 +281,7 @@ def test_dynamic_shapes_do_not_recompile_and_stay_exact():
         torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
     assert backend.graphs == 1
     # OCC's quantile rank stays symbolic too.
-    backend = CountingBackend(FP4Config())
+    backend = CountingBackend(FP4Config.from_recipe_name("paper"))
     compiled = torch.compile(model, backend=backend, dynamic=True)
     for tokens in (8, 24, 40):
         compiled(torch.randn(tokens, 64)).sum().backward()
@@ -272,7 +289,7 @@ def test_dynamic_shapes_do_not_recompile_and_stay_exact():
 
 
 def test_symbolic_reduction_dim_is_guarded_for_block_formats():
-    backend = CountingBackend(FP4Config(format="mxfp4", quantize_activation_matmuls=True))
+    backend = CountingBackend(FP4Config.from_recipe_name("paper", format="mxfp4", quantize_activation_matmuls=True))
     compiled = torch.compile(lambda a, b: a @ b, backend=backend, dynamic=True)
     for k in (64, 128, 40, 48):
         compiled(torch.randn(8, k), torch.randn(k, 8))
@@ -314,7 +331,7 @@ class _SharedInputs(nn.Module):
         return self.q(x) + self.k(x) + self.v(x)
 
 
-@pytest.mark.parametrize("config", [FP4Config(occ=False), FP4Config(), FP4Config.from_recipe_name("nvfp4"),
+@pytest.mark.parametrize("config", [FP4Config.from_recipe_name("paper", occ=False), FP4Config.from_recipe_name("paper"), FP4Config.from_recipe_name("nvfp4"),
                                     FP4Config.from_recipe_name("quartet2"), FP4Config.from_recipe_name("rotated")],
                          ids=["occ_off", "paper", "nvfp4", "quartet2", "rotated"])
 def test_sites_sharing_an_input_quantize_and_save_it_once(config):

@@ -16,8 +16,8 @@ from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 from fp4compile.runtime.occ import occ_thresholds, sample_index
 
 EMPTY_CONFIGS = {
-    "paper": FP4Config(),
-    "occ_off": FP4Config(occ=False),
+    "paper": FP4Config.from_recipe_name("paper"),
+    "occ_off": FP4Config.from_recipe_name("paper", occ=False),
     "nvidia": FP4Config.from_recipe_name("nvidia_nvfp4"),
     "quartet2": FP4Config.from_recipe_name("quartet2"),
 }
@@ -150,7 +150,7 @@ def test_a_non_finite_token_poisons_only_its_own_row(bad, cols, compiled):
     clean[t, cols] = 0.0
     assert torch.equal(torch.stack(occ_thresholds(poisoned, 0.99)), torch.stack(occ_thresholds(clean, 0.99)))
     assert occ_thresholds(clean, 0.99)[1].item() == 4.0  # and the outliers are clamped
-    fn = lambda a: fp4_matmul_nt(a, w, None, MatmulSpec(FP4Config()))  # noqa: E731
+    fn = lambda a: fp4_matmul_nt(a, w, None, MatmulSpec(FP4Config.from_recipe_name("paper")))  # noqa: E731
     if compiled:
         linear = torch.nn.Linear(32, 48, bias=False)
         linear.weight.data.copy_(w)

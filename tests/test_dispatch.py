@@ -69,7 +69,7 @@ def test_native_forward_quantizes_each_operand_once(monkeypatch, executed, forma
     from fp4compile.runtime import matmul
     from fp4compile.runtime.kernels import blackwell_quantize
 
-    spec = MatmulSpec(FP4Config(format=format, occ=False), b_is_weight=False)
+    spec = MatmulSpec(FP4Config.from_recipe_name("paper", format=format, occ=False), b_is_weight=False)
     x, w = torch.randn(2, 40, 64), torch.randn(48, 64)
 
     def run():
@@ -94,7 +94,7 @@ def test_native_forward_quantizes_each_operand_once(monkeypatch, executed, forma
 
 def test_report_records_each_sites_gemm_path(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 40))
-    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(dump_dir=str(tmp_path)), inner="aot_eager"))
+    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config.from_recipe_name("paper", dump_dir=str(tmp_path)), inner="aot_eager"))
     compiled(torch.randn(8, 64))
     (report,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/report.json")]
     gemms = [site["gemm"] for site in report["sites"]]
@@ -143,7 +143,7 @@ def _on(monkeypatch, capability):
 def test_the_forward_runs_the_path_plan_gives(monkeypatch, executed, capability, format, shape):
     a_shape, b_shape = SHAPES[shape]
     a, b = torch.randn(a_shape), torch.randn(b_shape)
-    spec = MatmulSpec(FP4Config(format=format, occ=False), b_is_weight=False)
+    spec = MatmulSpec(FP4Config.from_recipe_name("paper", format=format, occ=False), b_is_weight=False)
     expected = fp4_matmul_nt(a, b, None, spec)  # on the CPU
     executed.clear()
     device = _on(monkeypatch, capability)
@@ -186,7 +186,7 @@ class _Block(torch.nn.Module):
 @pytest.mark.parametrize("format", ["vector", "nvfp4"])
 def test_report_gives_the_path_that_runs(monkeypatch, executed, tmp_path, capability, format):
     device = _on(monkeypatch, capability)
-    config = FP4Config(format=format, quantize_activation_matmuls=True, occ=False, dump_dir=str(tmp_path))
+    config = FP4Config.from_recipe_name("paper", format=format, quantize_activation_matmuls=True, occ=False, dump_dir=str(tmp_path))
     torch._dynamo.reset()
     compiled = torch.compile(_Block(), backend=fp4compile.backend(config, inner="aot_eager"))
     with torch.no_grad():  # the forward only, traced once: the recorders run at trace time

@@ -69,7 +69,7 @@ def _train(model, batches, rank=0, world=1):
 
 def _compile_blocks(model, dump_dir):
     """Regional compilation, as torchtitan does: each block replaced by its compiled wrapper."""
-    backend = fp4compile.backend(FP4Config(**CONFIG, dump_dir=dump_dir), inner="aot_eager")
+    backend = fp4compile.backend(FP4Config.from_recipe_name("paper", **CONFIG, dump_dir=dump_dir), inner="aot_eager")
     for i, block in enumerate(model):
         model[i] = torch.compile(block, backend=backend)
 
@@ -78,7 +78,7 @@ def _worker(rank, port, mode, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     model = _model()
     if mode == "ddp":
-        backend = fp4compile.backend(FP4Config(**CONFIG, dump_dir=f"{out}/rank{rank}"), inner="aot_eager")
+        backend = fp4compile.backend(FP4Config.from_recipe_name("paper", **CONFIG, dump_dir=f"{out}/rank{rank}"), inner="aot_eager")
         model = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend=backend)
     else:  # fsdp2: compile each block, then shard each block and the root (torchtitan's order)
         from torch.distributed.fsdp import fully_shard

@@ -131,7 +131,7 @@ def test_rotated_forward_error_bound(outliers):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "tensor"])
 def test_block_formats_forward(fmt):
-    config = FP4Config(format=fmt, occ=False, grad_dtype=None)
+    config = FP4Config.from_recipe_name("paper", format=fmt, occ=False, grad_dtype=None)
     x, w, b, dy = _inputs()
     y, dx, _, _ = _run(_linear(config), x, w, b, dy)
     xq, wq = fake_quantize(x.double(), fmt), fake_quantize(w.double(), fmt)
@@ -141,7 +141,7 @@ def test_block_formats_forward(fmt):
 
 def test_fp8_gradients_fold_the_forward_scales():
     """dX = r * (Q8(dY * s_w) @ W_values): s_w folded into dY before its per-row FP8 cast (method.md)."""
-    config = FP4Config(occ=False, dge=False)
+    config = FP4Config.from_recipe_name("paper", occ=False, dge=False)
     x, w, b, dy = _inputs()
     _, dx, dw, _ = _run(_linear(config), x, w, b, dy)
 
@@ -161,7 +161,7 @@ def test_fp8_gradients_fold_the_forward_scales():
 
 
 def test_backward_operands_original_uses_unquantized_operands():
-    config = FP4Config(occ=False, dge=False, grad_dtype=None, backward_operands="original")
+    config = FP4Config.from_recipe_name("paper", occ=False, dge=False, grad_dtype=None, backward_operands="original")
     x, w, b, dy = _inputs()
     _, dx, dw, _ = _run(_linear(config), x, w, b, dy)
     _close(dx, dy.double() @ w.double())
@@ -169,7 +169,7 @@ def test_backward_operands_original_uses_unquantized_operands():
 
 
 def test_activation_x_activation_with_occ_on_both_operands():
-    config = FP4Config(quantize_activation_matmuls=True, grad_dtype=None)
+    config = FP4Config.from_recipe_name("paper", quantize_activation_matmuls=True, grad_dtype=None)
     spec = MatmulSpec(config, a_is_weight=False, b_is_weight=False)
     a, bm = torch.randn(2, 16, 64), torch.randn(2, 8, 64)
     a[0, 0, 0] = 30.0
@@ -183,13 +183,13 @@ def test_activation_x_activation_with_occ_on_both_operands():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_keep_their_dtype(dtype):
     x, w, b, dy = _inputs(dtype)
-    y, dx, dw, db = _run(_linear(FP4Config()), x, w, b, dy)
+    y, dx, dw, db = _run(_linear(FP4Config.from_recipe_name("paper")), x, w, b, dy)
     assert (y.dtype, dx.dtype, dw.dtype, db.dtype) == (dtype,) * 4
-    ref = _reference(x.float(), w.float(), b.float(), dy.float(), FP4Config(grad_dtype=None))
+    ref = _reference(x.float(), w.float(), b.float(), dy.float(), FP4Config.from_recipe_name("paper", grad_dtype=None))
     _close(y, ref[0], rtol=2e-2)
 
 
-@pytest.mark.parametrize("config", [FP4Config(), FP4Config.from_recipe_name("rotated", rotation=32)],
+@pytest.mark.parametrize("config", [FP4Config.from_recipe_name("paper"), FP4Config.from_recipe_name("rotated", rotation=32)],
                          ids=["paper", "rotated"])
 def test_inductor_matches_eager(config):
     """The same FP4 Linear, compiled by Inductor through the backend, against the eager function."""

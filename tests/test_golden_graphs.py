@@ -65,7 +65,7 @@ class GPT2MLP(nn.Module):
 
 class TestGoldenGraphs(expecttest.TestCase):
     def test_mlp(self):
-        report, code = rewritten(MLP(), torch.randn(2, 32), config=FP4Config(exclude=("lm_head",)))
+        report, code = rewritten(MLP(), torch.randn(2, 32), config=FP4Config.from_recipe_name("paper", exclude=("lm_head",)))
         self.assertExpectedInline(code, """\
 linear = fp4compile_fp4_linear(l_x_, l_self_modules_up_parameters_weight_, l_self_modules_up_parameters_bias_)
 relu = torch.relu(linear)
@@ -117,7 +117,7 @@ y_1       matmul  None    [4, 8, 8] x [4, 8, 16]         -       skipped  -     
 matmul_2  matmul  None    [32, 32] x [2, 32, 8]          A       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
 
     def test_attention_block_with_activation_matmuls(self):
-        config = FP4Config(quantize_activation_matmuls=True)
+        config = FP4Config.from_recipe_name("paper", quantize_activation_matmuls=True)
         report, code = rewritten(Attention(), torch.randn(2, 8, 32), config=config)
         self.assertExpectedInline(code, """\
 linear = fp4compile_fp4_linear(l_x_, l_self_modules_qkv_parameters_weight_, l_self_modules_qkv_parameters_bias_)
@@ -173,7 +173,7 @@ x_1   addmm  c_proj  [16, 128] x [128, 32]  B       fp4     emulated  device 'cp
 
     def test_block_format_skips_indivisible_reduction(self):
         model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 16))
-        report, _ = rewritten(model, torch.randn(2, 48), config=FP4Config(format="mxfp4"))
+        report, _ = rewritten(model, torch.randn(2, 48), config=FP4Config.from_recipe_name("paper", format="mxfp4"))
         self.assertExpectedInline(summary_table(report), """\
 fp4compile graph_0_0: 1 fp4, 1 skipped
 node     op      module  shapes              weight  status   gemm      reason

@@ -108,7 +108,7 @@ def test_any_grouping_matches_the_method(counts, k, n, tail, seed):
     torch.manual_seed(seed)
     offs = torch.tensor(counts).cumsum(0).tolist()
     x, w, dy = _inputs(offs[-1] + tail, k, n, len(counts))
-    config = FP4Config(grad_dtype=None, occ_sample=None)
+    config = FP4Config.from_recipe_name("paper", grad_dtype=None, occ_sample=None)
     got, want = _run(x, w, offs, dy, config), _reference(x, w, offs, dy, config)
     for g, r in zip(got, want):
         _close(g, r)
@@ -123,7 +123,7 @@ def _fp8_rows(g):
 def test_fp8_gradients_fold_the_forward_scales():
     """dX[s] = Q8(dY[s] * s_w[e(s)]) @ W_values[e(s)]; dW_e = Q8(dY^T * s_x)[:, rows of e] @ X_values[rows
     of e], with dY^T quantized per feature over all tokens (its scale factors out of each expert)."""
-    config = FP4Config(occ=False, dge=False)
+    config = FP4Config.from_recipe_name("paper", occ=False, dge=False)
     x, w, dy = _inputs()
     _, dx, dw = _run(x, w, OFFS, dy, config)
     s_x = x.abs().amax(1, keepdim=True) / 6
@@ -144,7 +144,7 @@ def _groups(offs):
 
 
 def test_backward_operands_original_uses_unquantized_operands():
-    config = FP4Config(occ=False, dge=False, grad_dtype=None, backward_operands="original")
+    config = FP4Config.from_recipe_name("paper", occ=False, dge=False, grad_dtype=None, backward_operands="original")
     x, w, dy = _inputs()
     _, dx, dw = _run(x, w, OFFS, dy, config)
     for e, rows in _groups(OFFS):
@@ -165,7 +165,7 @@ def test_bfloat16_keeps_its_dtype_and_compiles_like_eager():
     xc = x.clone().requires_grad_()
     y = torch.compile(moe, backend="fp4")(xc, offs)
     y.backward(dy)
-    eager = _run(x, w, OFFS, dy, FP4Config())
+    eager = _run(x, w, OFFS, dy, FP4Config(rotation=64))  # the default's group where K = 64 (report: rotation)
     for got, want in zip((y, xc.grad, wp.grad), eager):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

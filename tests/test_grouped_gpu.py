@@ -63,7 +63,7 @@ def test_e4m3_gradient_gemm_matches_the_emulation():
 def test_op_on_the_gpu_matches_the_op_on_the_cpu(grad_dtype):
     """The whole autograd function (OCC, DGE, FP8 dY) on the GPU against the same op on the CPU, where
     every GEMM is the emulation."""
-    config = FP4Config(grad_dtype=grad_dtype, occ_sample=None)
+    config = FP4Config.from_recipe_name("paper", grad_dtype=grad_dtype, occ_sample=None)
     x = torch.randn(S, K).bfloat16()
     w = (torch.randn(E, N, K) / K**0.5).bfloat16()
     dy = torch.randn(S, N).bfloat16()

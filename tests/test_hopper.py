@@ -283,7 +283,7 @@ def test_compiled_fp4_linear_on_cuda_matches_cpu_reference(format, occ, dtype):
     dW agree to 1e-4 in norm. In BF16 every GEMM output is rounded to BF16 once on both sides, but
     products that tie differently may round apart: 2^-8 (BF16's relative precision) in norm."""
     torch._dynamo.reset()
-    cfg = FP4Config(format=format, occ=occ)
+    cfg = FP4Config.from_recipe_name("paper", format=format, occ=occ)
     gen = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(256, 384)
     with torch.no_grad():
@@ -314,7 +314,7 @@ def test_compiled_fp4_linear_on_cuda_matches_cpu_reference(format, occ, dtype):
 def test_no_recompiles_or_host_syncs_across_steps():
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.SiLU(), torch.nn.Linear(512, 256)).cuda()
-    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(occ=False)))
+    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config.from_recipe_name("paper", occ=False)))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step(x):
@@ -369,7 +369,7 @@ def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
 
     torch._dynamo.reset()
     model = _SharedInputs().cuda().bfloat16()
-    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(occ=False)))
+    compiled = torch.compile(model, backend=fp4compile.backend(FP4Config.from_recipe_name("paper", occ=False)))
     x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     _, codes = run_and_get_code(lambda: compiled(x).float().square().mean().backward())
     code = "\n".join(codes)
@@ -424,7 +424,7 @@ def test_lowered_kernels_take_symbolic_token_counts():
     results = {}
     for dynamic in (False, True):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(occ=False)), dynamic=dynamic)
+        compiled = torch.compile(model, backend=fp4compile.backend(FP4Config.from_recipe_name("paper", occ=False)), dynamic=dynamic)
         for tokens in (96, 160):
             x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16,
                             generator=torch.Generator("cuda").manual_seed(tokens)).requires_grad_()

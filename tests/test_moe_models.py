@@ -88,7 +88,7 @@ class Router(torch.nn.Module):
 
 @pytest.mark.parametrize("quantize_routers", [False, True])
 def test_routers_are_found_by_structure(quantize_routers):
-    report, _ = rewritten(Router(), torch.randn(16, 32), config=FP4Config(quantize_routers=quantize_routers))
+    report, _ = rewritten(Router(), torch.randn(16, 32), config=FP4Config.from_recipe_name("paper", quantize_routers=quantize_routers))
     sites = {s["module"]: s for s in report["sites"]}
     assert sites["proj"]["status"] == "fp4"
     if quantize_routers:

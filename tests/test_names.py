@@ -29,7 +29,7 @@ class Capture:
     graph runs eagerly, FP4 sites included."""
 
     def __init__(self, **config):
-        self.config, self.reports = FP4Config(**config), []
+        self.config, self.reports = FP4Config.from_recipe_name("paper", **config), []
 
     def __call__(self, gm, example_inputs):
         self.reports.append(fp4_pass(gm, example_inputs, self.config))
@@ -73,7 +73,7 @@ def test_regional_compile_excludes_one_layer_by_its_full_name(tmp_path):
     precision, its outputs equal to the eager layer's, and the other layers (one graph) are FP4."""
     torch._dynamo.reset()
     model = _llama()
-    backend = fp4compile.backend(FP4Config(dump_dir=str(tmp_path), exclude=("model.layers.1.*",)), inner="aot_eager")
+    backend = fp4compile.backend(FP4Config.from_recipe_name("paper", dump_dir=str(tmp_path), exclude=("model.layers.1.*",)), inner="aot_eager")
     calls = {}
     for i, layer in enumerate(model.model.layers):
         model.model.layers[i] = torch.compile(layer, backend=backend)
@@ -171,7 +171,7 @@ def test_train_step_names_a_model_and_its_teacher(tmp_path):
     teacher = nn.Sequential(nn.Linear(32, 16))
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
 
-    @fp4compile.train_step(config=FP4Config(dump_dir=str(tmp_path), exclude=("2",)))
+    @fp4compile.train_step(config=FP4Config.from_recipe_name("paper", dump_dir=str(tmp_path), exclude=("2",)))
     def step(x):
         with torch.no_grad():
             target = teacher(x)
@@ -224,7 +224,7 @@ def test_unresolved_names_are_reported_and_warn_once_per_pattern(monkeypatch):
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report, _ = rewritten(model, torch.randn(4, 16), config=FP4Config(exclude=("1", "x.*")))
+        report, _ = rewritten(model, torch.randn(4, 16), config=FP4Config.from_recipe_name("paper", exclude=("1", "x.*")))
     assert [s["module_resolved"] for s in report["sites"]] == [False] * 3
     assert [s["status"] for s in report["sites"]] == ["fp4", "skipped", "fp4"]
     messages = [str(w.message) for w in caught if "could not be named" in str(w.message)]
@@ -295,7 +295,7 @@ def test_a_linear_feeding_cross_entropy_is_an_output_head():
     report, _ = rewritten(Classifier(), x, y)
     assert [s["status"] for s in report["sites"]] == ["fp4", "skipped"]
     assert report["sites"][1]["reason"].startswith("output head (its output feeds cross_entropy)")
-    report, _ = rewritten(Classifier(), x, y, config=FP4Config(quantize_output_heads=True))
+    report, _ = rewritten(Classifier(), x, y, config=FP4Config.from_recipe_name("paper", quantize_output_heads=True))
     assert [s["status"] for s in report["sites"]] == ["fp4", "fp4"]
     # Without the loss in the graph: an untied head, shaped like the input embedding, whose logits leave it.
     report, _ = rewritten(Classifier(embed=True), torch.randint(0, 10, (4,)))

@@ -125,7 +125,7 @@ def _sites(reports):
     pytest.param("fp4", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ])
 def test_checkpointed_block_is_quantized_and_recomputes_the_same_values(backend, device, tmp_path, monkeypatch):
-    fp4 = backend if backend == "fp4" else fp4compile.backend(FP4Config(occ_sample=64), inner=backend)
+    fp4 = backend if backend == "fp4" else fp4compile.backend(FP4Config.from_recipe_name("paper", occ_sample=64), inner=backend)
     model, plain = (m.to(device) for m in _twins(Checkpointed))
     x = torch.randn(64, 32, device=device)
     _, grads, reports = _step(model, fp4, x, tmp_path / "ckpt", monkeypatch)
@@ -175,7 +175,7 @@ def test_checkpointed_backward_recomputes_the_quantization():
         counts = {}
 
         def backend(gm, example_inputs):
-            fp4_pass(gm, example_inputs, FP4Config())
+            fp4_pass(gm, example_inputs, FP4Config.from_recipe_name("paper"))
 
             def compiler(name):
                 def compile(g, _):
@@ -208,7 +208,7 @@ def test_include_exclude_and_nested_checkpoints():
         def forward(self, x):
             return checkpoint(lambda x: checkpoint(self.inner, self.outer(x), use_reentrant=False), x, use_reentrant=False)
 
-    report, _ = rewritten(Nested(), torch.randn(4, 32), config=FP4Config(exclude=("inner.down",)))
+    report, _ = rewritten(Nested(), torch.randn(4, 32), config=FP4Config.from_recipe_name("paper", exclude=("inner.down",)))
     got = [(s["subgraph"], s["module"], s["weights"][1], s["status"], s["reason"]) for s in report["sites"]]
     assert got == [
         ("wrap_body_1", "outer", "outer.weight", "fp4", None),
@@ -237,7 +237,7 @@ def test_llama_gradient_checkpointing(tmp_path, monkeypatch):
     # Dynamo refuses inside a checkpoint (a graph break: the layers would run eagerly, unquantized).
     # Skipping that side effect in the recomputation is harmless: it is undone before the layer returns.
     tokens = torch.randint(0, 128, (2, 32))
-    backend = fp4compile.backend(FP4Config(), inner="aot_eager")
+    backend = fp4compile.backend(FP4Config.from_recipe_name("paper"), inner="aot_eager")
     runs = []
     for checkpointed in (True, False):
         model = _tiny_llama(checkpointed)
@@ -268,7 +268,7 @@ def test_llama_gradient_checkpointing(tmp_path, monkeypatch):
 
 
 def test_nested_compile_region_calls_one_rewritten_subgraph(tmp_path, monkeypatch):
-    backend = fp4compile.backend(FP4Config(), inner="aot_eager")
+    backend = fp4compile.backend(FP4Config.from_recipe_name("paper"), inner="aot_eager")
     model, plain = _twins(Regions)
     x = torch.randn(16, 32, requires_grad=True)  # without, Dynamo inlines the regions
     y, grads, reports = _step(model, backend, x, tmp_path / "region", monkeypatch)
@@ -312,7 +312,7 @@ def test_cond_branches_are_reported_as_skipped(tmp_path, monkeypatch):
     transposed weight do not keep it, so the branches keep their matmuls, each reported with the reason."""
     model = Cond()
     x = torch.randn(8, 32)
-    y, _, reports = _step(model, fp4compile.backend(FP4Config(), inner="aot_eager"), x, tmp_path, monkeypatch)
+    y, _, reports = _step(model, fp4compile.backend(FP4Config.from_recipe_name("paper"), inner="aot_eager"), x, tmp_path, monkeypatch)
     assert_complete(reports)
     sites = [s for r in reports for s in r["sites"]]
     assert [(s["subgraph"], s["op"], s["status"]) for s in sites] == [
@@ -369,7 +369,7 @@ class TestGoldenSubgraphs(expecttest.TestCase):
         captured = {}
 
         def capture(gm, example_inputs):
-            captured["report"] = fp4_pass(gm, example_inputs, FP4Config())
+            captured["report"] = fp4_pass(gm, example_inputs, FP4Config.from_recipe_name("paper"))
             captured["root"], captured["body"] = readable_code(gm), readable_code(gm.wrap_body_0)
             return gm
 

@@ -43,9 +43,9 @@ def test_recipes_by_name_and_their_checks():
     assert (nv.backward, nv.hadamard_group, q2.backward, q2.hadamard_group) == ("nvidia", 16, "quartet2", 128)
     assert nv.format == q2.format == "nvfp4" and not (nv.dge or nv.occ or q2.dge or q2.occ)
     with pytest.raises(ValueError, match="use format='nvfp4', dge=False, occ=False"):
-        FP4Config(backward="quartet2")
+        FP4Config.from_recipe_name("paper", backward="quartet2")
     with pytest.raises(ValueError, match="backward must be one of"):
-        FP4Config(backward="fp4")
+        FP4Config.from_recipe_name("paper", backward="fp4")
     with pytest.raises(ValueError, match="Hadamard group size"):
         FP4Config.from_recipe_name("quartet2", hadamard_group=100)
 
