@@ -26,9 +26,9 @@ class FP4Config:
         activation operand, with the clamped residual multiplied in high precision (the paper's; off by
         default, where the rotation does its job).
     rotation: rotate both operands of every forward GEMM along K by a fixed randomized Hadamard
-        transform in groups of this size (16, 32, 64 or 128; 128 by default) before they are quantized, which spreads
-        each outlier over its group (what OCC's clamping handles otherwise, here with no compensation
-        GEMM); None: no rotation. The product is unchanged in exact arithmetic, the gradients are rotated
+        transform in groups of this size (16, 32, 64 or 128; 128 by default) before they are quantized,
+        which spreads each outlier over its group (what OCC's clamping handles otherwise, here with no
+        compensation GEMM); None: no rotation. The product is unchanged in exact arithmetic, the gradients are rotated
         back, and DGE acts on the rotated weight. Needs format="vector" and backward="fp8". A matmul
         whose K is not a multiple of the group takes the largest smaller group that divides K, and stays
         in high precision if K is not a multiple of 16 (report.json gives each site's group or reason).

@@ -57,7 +57,8 @@ def inductor_patches(mode: str | None = None, options: dict | None = None) -> di
 
 
 def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
-    """A torch.compile backend that quantizes matmuls as ``config`` says (default: FP4Config(), the rotated recipe).
+    """A torch.compile backend that quantizes matmuls as ``config`` says (default: FP4Config(), the
+    rotated recipe).
 
     ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with Inductor's default
     settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor",

@@ -150,5 +150,6 @@ class FP4GroupedMM(torch.autograd.Function):
 
 def fp4_grouped_mm(x, w, offs, spec: MatmulSpec | None = None):
     """``torch._grouped_mm(x, w.mT, offs=offs)`` with FP4 operands: x [S, K] an activation, w [E, N, K]
-    the experts' weights, offs [E] int32 group ends; ``spec`` defaults to FP4Config()'s (the rotated recipe)."""
+    the experts' weights, offs [E] int32 group ends; ``spec`` defaults to FP4Config() (the rotated
+    recipe)."""
     return FP4GroupedMM.apply(x, w, offs, spec or MatmulSpec(FP4Config()))
