@@ -107,7 +107,7 @@ def test_rows_too_wide_name_the_reference():
 def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
     """On any machine: the kernel builds for sm_90 and sm_100 at the launch shape the operator picks,
     with an IEEE division for each row's reciprocal and Hopper's E4M3 conversion instruction; with a
-    rotation, its dot on TF32 tensor cores (mma / wgmma / tcgen05) rather than FP32 FMAs."""
+    rotation, its dot on BF16 tensor cores (wgmma / tcgen05 kind::f16) rather than FP32 FMAs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -115,7 +115,7 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
 
     block_m, block_k, warps = rows._launch_shape(k)
     constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                  **({"GROUP": group} if group else {})}
+                  **({"GROUP": group, "FP32_DOT": False} if group else {})}
     pointers = {"x_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
     signature = {**pointers, "M": "i32", "K": "i32", **{name: "constexpr" for name in constexprs}}
     kernel = rows._rotated_fp4_rows_kernel if group else rows._fp4_rows_kernel
@@ -123,7 +123,7 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
                               target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    assert bool(group) == bool(re.search(r"mma\S*\.tf32|tcgen05\.mma\S*kind::tf32", ptx))
+    assert bool(group) == bool(re.search(r"mma\S*\.bf16|tcgen05\.mma\S*kind::f16", ptx))
     assert len(compiled.asm["cubin"]) > 0
 
 
