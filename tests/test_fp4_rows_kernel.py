@@ -31,8 +31,9 @@ SHAPES = [(9, 70), (5, 2048), (3, 5632), (6, 1)]
 ROTATED = [((5, 2048), 0, 128), ((3, 5632), 0, 128), ((9, 64), 32, 16), ((70, 256), 0, 32), ((6, 512), 0, 64)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# x / scale on every E2M1 rounding tie (amax 1.5 -> scale 1/4), both signs, and values that round to -0.
-TIES = [0.0625, 0.1875, 0.3125, 0.4375, 0.625, 0.875, 1.25, -0.0625, -0.3125, -1.25, -0.01, 1.5]
+# x / scale on every E2M1 rounding tie (amax 1.5 -> scale 1/4), both signs, and values that round to -0;
+# all dyadic, so that sums of them are exact in any order (a rotated row 0).
+TIES = [0.0625, 0.1875, 0.3125, 0.4375, 0.625, 0.875, 1.25, -0.0625, -0.3125, -1.25, -0.0078125, 1.5]
 
 
 def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0, dyadic: bool = False) -> torch.Tensor:
