@@ -38,30 +38,36 @@ class MatmulSpec:
     name: str | None = None
 
 
-def _activation_operand(x, format: str, rotation: int | None = None):
-    """gemm_operand(x, format) of an activation, or of hadamard.rotate(x, rotation). On CUDA sm_89+, in the
-    "vector" format, a Triton kernel computes the same bits reading x once, rotating it on the way
-    (kernels/fp4_rows_triton.py). Weights stay with Inductor: through the kernel, their extra operator
-    calls per step cost more host time than the kernel saved GPU time (CHANGELOG.md; measured when each
-    call went through the dispatcher, before Inductor launched the kernel itself), and DGE's backward
-    shares their scales by AOTAutograd's CSE."""
-    if format == "vector" and x.dim() and x.is_cuda and x.numel() and has_fp8_kernels(x.device):
-        from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows
+def fused_rows(x: torch.Tensor, format: str) -> bool:
+    """Whether the Triton kernel of kernels/fp4_rows_triton.py quantizes ``x``'s rows here: CUDA sm_89+,
+    the "vector" format, 0 < K <= its MAX_K."""
+    if format != "vector" or not x.dim() or not x.is_cuda or not x.numel() or not has_fp8_kernels(x.device):
+        return False
+    from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K
 
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[1] <= MAX_K:
-            matrix = None if rotation is None else rotation_matrix(rotation, x.device, x.dtype)
-            values, scale = fp4_rows(rows, matrix)
-            return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
-    return gemm_operand(x if rotation is None else rotate(x, rotation), format)
+    return x.shape[-1] <= MAX_K
+
+
+def _rows_operand(x: torch.Tensor, rotation: int | None = None):
+    """gemm_operand(x, "vector"), or of hadamard.rotate(x, rotation), in the same bits from the kernel
+    (``fused_rows``), which reads x once and rotates it on the way."""
+    from fp4compile.runtime.kernels.fp4_rows_triton import fp4_rows
+
+    matrix = None if rotation is None else rotation_matrix(rotation, x.device, x.dtype)
+    values, scale = fp4_rows(x.reshape(-1, x.shape[-1]), matrix)
+    return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
 def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool = False,
               rotation: int | None = None):
     """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
     kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
-    into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: an
-    activation rotated inside its quantize (``_activation_operand``)."""
+    into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: the
+    operand rotated inside its quantize kernel (``_operand``). Activations go through the kernel where it
+    runs (``fused_rows``): Inductor fuses the reference into their producers as a looped reduction that
+    reads each row twice (kernels/fp4_rows_triton.py). Unrotated weights stay with Inductor: through the
+    kernel their quantize took less GPU time, but the step more (CHANGELOG.md, when each call went
+    through the dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
@@ -73,8 +79,9 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
         values, outer = gemm_values(rows)
         outer = outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
         return values.reshape(x.shape), outer, residual, rows
-    values, outer = gemm_operand(x, config.format) if is_weight else _activation_operand(x, config.format, rotation)
-    return values, outer, residual, None
+    if rotation is not None or not is_weight and fused_rows(x, config.format):
+        return (*_rows_operand(x, rotation), residual, None)
+    return (*gemm_operand(x, config.format), residual, None)
 
 
 def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
@@ -86,11 +93,12 @@ def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dt
 
 def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool):
     """(x as the GEMM multiplies it, ``_quantize``'s tuple) of one forward operand, rotated along K where
-    config.rotation says. An activation that nothing but its quantize reads rotated (OCC off, quantized
-    backward operands) is rotated inside the quantize (one kernel on CUDA) and comes back unrotated."""
+    config.rotation says. An operand that nothing but its quantize reads rotated (OCC off, quantized
+    backward operands), where the quantize kernel runs, is rotated inside it and comes back unrotated: a
+    weight's rotation for DGE is then recomputed in the backward, as it is otherwise (``rotated``)."""
     if not config.rotation:
         return x, _quantize(x, is_weight, config, dtype, packed)
-    if is_weight or config.occ or config.backward_operands == "original":
+    if config.occ or config.backward_operands == "original" or packed or not fused_rows(x, config.format):
         x = rotated(x, is_weight, config, dtype)
         return x, _quantize(x, is_weight, config, dtype, packed)
     x = x.to(dtype)
