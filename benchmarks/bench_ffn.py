@@ -13,7 +13,7 @@ time goes.
 import torch
 import torch.nn.functional as F
 
-from common import model_parser, prepare, report_layer, time_layer
+from common import fresh_start, model_parser, prepare, report_layer, time_layer
 
 
 class SwiGLU(torch.nn.Module):
@@ -40,7 +40,8 @@ def main():
 
     rows, profiles = [], {}
     for variant in args.variants.split(","):
-        torch._dynamo.reset()
+        model = fn = None  # the previous variant's, collected by fresh_start
+        fresh_start()
         torch.manual_seed(0)
         model = SwiGLU(args.dim, args.hidden).cuda().bfloat16()
         backend = prepare(model, variant, args.fp4_options)

@@ -8,13 +8,12 @@ layers); embedding, final norm, lm_head and loss run eagerly in all of them. A v
     PYTHONPATH=. python benchmarks/bench_llama.py --out results/llama.json
 """
 
-import gc
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import model_parser, prepare, print_table, report, short_error, time_ms, top_host_ops, top_kernels
+from common import fresh_start, model_parser, prepare, print_table, report, short_error, time_ms, top_host_ops, top_kernels
 
 
 def build(variant, seq, fp4_options):
@@ -72,10 +71,8 @@ def main():
     for variant in args.variants.split(","):
         batch = args.batch
         while True:
-            torch._dynamo.reset()
+            fresh_start()
             torch._dynamo.utils.counters.clear()
-            gc.collect()
-            torch.cuda.empty_cache()
             try:
                 row, prof, host = run(variant, batch, args.seq, args.iters, variant in args.profile.split(","),
                                       variant in args.host_profile.split(","), args.fp4_options)

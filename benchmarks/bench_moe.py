@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fp4compile
-from common import VARIANTS, model_parser, prepare, report_layer, time_layer
+from common import VARIANTS, fresh_start, model_parser, prepare, report_layer, time_layer
 from fp4compile import FP4Config
 
 SHAPES = {  # hidden, experts, intermediate, top-k
@@ -77,7 +77,8 @@ def main():
 
     rows, profiles = [], {}
     for variant in args.variants.split(","):
-        torch._dynamo.reset()
+        model = fn = None  # the previous variant's, collected by fresh_start
+        fresh_start()
         torch.manual_seed(0)
         model = MoE(hidden, experts, intermediate, top_k).cuda().bfloat16()
         backend = _backend(model, variant, args)

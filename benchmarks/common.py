@@ -3,6 +3,7 @@
 import argparse
 import datetime
 import functools
+import gc
 import json
 import os
 import platform
@@ -97,6 +98,16 @@ def environment() -> dict:
         "commit": commit or "unknown",
         "python": sys.version.split()[0],
     }
+
+
+def fresh_start() -> None:
+    """Forget the previous variant before the next is measured: Dynamo's caches, and its model, grads and
+    buffers, which compiled code keeps in reference cycles until a collection (uncollected, they counted
+    in the next variant's peak memory)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def time_ms(fn, warmup: int = 3, iters: int = 20) -> dict:
