@@ -13,7 +13,7 @@ time goes.
 import torch
 import torch.nn.functional as F
 
-from common import fresh_start, model_parser, prepare, report_layer, time_layer
+from common import fresh_start, model_parser, peak_trace, prepare, report_layer, time_layer
 
 
 class SwiGLU(torch.nn.Module):
@@ -51,6 +51,8 @@ def main():
         rows.append(row)
         if profile:
             profiles[variant] = profile
+        if variant in args.peak_trace.split(",") and "error" not in row:
+            profiles[f"{variant} memory"] = peak_trace(lambda: fn(x).backward(dy))
     report_layer(args, rows, profiles, f"SwiGLU FFN fwd+bwd, {args.tokens} tokens, d={args.dim}, hidden={args.hidden}")
 
 

@@ -1,9 +1,12 @@
 """A full training step (forward, loss, backward, AdamW) of a ~1B HF LlamaForCausalLM built from config
 (hidden 2048, 16 layers, intermediate 5632, 16 heads, vocab 32000, BF16 weights), seq 2048, batch 8:
-tokens/s and peak memory for BF16 eager, BF16 torch.compile (inductor), fp4compile's paper recipe
-with OCC off and on, and torchao float8 (rowwise, tensorwise) where importable. Compiled variants
+tokens/s, host time and peak memory for BF16 eager, BF16 torch.compile (inductor), fp4compile's
+recipes and torchao float8 (rowwise, tensorwise) where importable (``--variants``). Compiled variants
 compile each decoder layer (regional compilation, as torchtitan does: one compile serves all 16
-layers); embedding, final norm, lm_head and loss run eagerly in all of them. A variant that runs out of memory at batch 8 is retried at batch 4, and its row says so.
+layers); embedding, final norm, lm_head and loss run eagerly in all of them. A variant that runs out
+of memory at batch 8 is retried at batch 4, and its row says so. Per variant, one step can be
+profiled by GPU kernel (``--profile``), by host operator (``--host-profile``) and by the blocks live at
+its memory peak (``--peak-trace``).
 
     PYTHONPATH=. python benchmarks/bench_llama.py --out results/llama.json
 """
@@ -13,7 +16,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import fresh_start, model_parser, prepare, print_table, report, short_error, time_ms, top_host_ops, top_kernels
+from common import (fresh_start, model_parser, peak_trace, prepare, print_table, report, short_error, time_ms,
+                    top_host_ops, top_kernels)
 
 
 def build(variant, seq, fp4_options):
@@ -32,7 +36,12 @@ def build(variant, seq, fp4_options):
     return model
 
 
-def run(variant, batch, seq, iters, want_profile, want_host, fp4_options):
+# The reports a variant can ask for (--profile, --host-profile, --peak-trace): their key in the run's
+# profiles, and what makes them from one step.
+REPORTS = {"profile": ("{}", top_kernels), "host": ("{} host", top_host_ops), "peak": ("{} memory", peak_trace)}
+
+
+def run(variant, batch, seq, iters, reports, fp4_options):
     model = build(variant, seq, fp4_options)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
@@ -54,9 +63,7 @@ def run(variant, batch, seq, iters, want_profile, want_host, fp4_options):
            "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
            "first step s": first_s,
            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
-    profile = top_kernels(step) if want_profile else None
-    host = top_host_ops(step) if want_host else None
-    return row, profile, host
+    return row, {REPORTS[r][0].format(variant): REPORTS[r][1](step) for r in reports}
 
 
 def main():
@@ -68,31 +75,29 @@ def main():
     p.add_argument("--host-profile", default="", help="variants whose host time of one step to profile by op")
     args = p.parse_args()
     rows, profiles = [], {}
+    asked = {"profile": args.profile, "host": args.host_profile, "peak": args.peak_trace}
     for variant in args.variants.split(","):
+        reports = [r for r, variants in asked.items() if variant in variants.split(",")]
         batch = args.batch
         while True:
             fresh_start()
             torch._dynamo.utils.counters.clear()
             try:
-                row, prof, host = run(variant, batch, args.seq, args.iters, variant in args.profile.split(","),
-                                      variant in args.host_profile.split(","), args.fp4_options)
+                row, extra = run(variant, batch, args.seq, args.iters, reports, args.fp4_options)
                 break
             except torch.OutOfMemoryError:
                 if batch == 1:
-                    row, prof, host = {"variant": variant, "batch": "OOM"}, None, None
+                    row, extra = {"variant": variant, "batch": "OOM"}, {}
                     break
                 batch //= 2
                 print(f"{variant}: out of memory, retrying at batch {batch}")
             except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-                row, prof, host = {"variant": variant, "note": short_error(e)}, None, None
+                row, extra = {"variant": variant, "note": short_error(e)}, {}
                 break
         if batch != args.batch:
             row["note"] = f"batch {args.batch} ran out of memory"
         rows.append(row)
-        if prof:
-            profiles[variant] = prof
-        if host:
-            profiles[f"{variant} host"] = host
+        profiles.update(extra)
     base = next((r for r in rows if r["variant"] == "bf16_inductor" and "tokens/s" in r), None)
     for r in rows:
         if base and "tokens/s" in r:

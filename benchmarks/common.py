@@ -5,6 +5,7 @@ import datetime
 import functools
 import gc
 import json
+import linecache
 import os
 import platform
 import subprocess
@@ -72,6 +73,8 @@ def model_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--fp4-options", type=json.loads, default=None,
                    help="Inductor options for the fp4 variants, as JSON (torch.compile's options=), e.g. "
                         "'{\"coordinate_descent_tuning\": true}'; the other variants keep Inductor's defaults")
+    p.add_argument("--peak-trace", default="", help="variants whose memory at the peak of one step to list by "
+                   "allocation (a CUDA memory trace)")
     return p
 
 
@@ -161,6 +164,49 @@ def top_kernels(fn, n: int = 40) -> dict:
     return {"total_ms": total, "gemm_ms": gemm, "top": rows[:n]}
 
 
+def _allocated_at(frames: list[dict]) -> str:
+    """Where a traced block was allocated: the first frame in Inductor's generated code or in fp4compile,
+    with its source line (which names the buffer), else the innermost three frames."""
+    for f in frames:
+        if "torchinductor" in f["filename"] or "fp4compile" in f["filename"]:
+            source = linecache.getline(f["filename"], f["line"]).strip()
+            return f"{Path(f['filename']).name}:{f['line']} {source}"[:140].rstrip()
+    return " < ".join(f"{Path(f['filename']).name}:{f['line']}" for f in frames[:3])
+
+
+def blocks_at_peak(events: list[dict], n: int = 15) -> dict:
+    """Replay a CUDA memory trace (one device's events of ``torch.cuda.memory._snapshot()``): the peak of
+    the blocks it allocated, and the ``n`` largest of those live at that moment, with where each was
+    allocated. Blocks allocated before the trace began are not in it."""
+    live, current, peak, at_peak = {}, 0, 0, {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            current += e["size"]
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            current -= live.pop(e["addr"])["size"]
+    top = sorted(at_peak.values(), key=lambda e: -e["size"])[:n]
+    return {"peak_mib": peak / 2**20, "blocks": len(at_peak),
+            "top": [{"MiB": e["size"] / 2**20, "allocated at": _allocated_at(e.get("frames", []))} for e in top]}
+
+
+def peak_trace(fn) -> dict:
+    """``blocks_at_peak`` of one call of ``fn`` (CUDA memory history with Python stacks), and the memory
+    allocated before the call (weights, optimizer state, inputs)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return {**blocks_at_peak(snapshot["device_traces"][torch.cuda.current_device()]), "before_mib": before / 2**20}
+
+
 def top_host_ops(fn, n: int = 30) -> dict:
     """Host time of one call of ``fn`` started on an idle GPU (torch.profiler, CPU activity): the ``n``
     operators and runtime calls with the most self time, and the wall time of the call."""
@@ -231,6 +277,11 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
 def report(args, rows: list[dict], profiles: dict) -> None:
     """Print each profiled variant's top kernels and write the run's JSON (environment, args, results)."""
     for variant, prof in profiles.items():
+        if "peak_mib" in prof:
+            title = (f"{variant}: {prof['before_mib']:.0f} MiB allocated before the step, its own blocks peak at "
+                     f"{prof['peak_mib']:.0f} MiB ({prof['blocks']} blocks); the largest then")
+            print_table(prof["top"], ["MiB", "allocated at"], title)
+            continue
         if "wall_ms" in prof:
             title = f"host time of one step of {variant}: {prof['wall_ms']:.2f} ms (profiled)"
             print_table(prof["top"], ["op", "calls", "self ms", "total ms"], title)

@@ -97,3 +97,26 @@ def test_gemm_error_ranks_the_recipes(tmp_path):
     channels = rows["channels"]
     assert channels["paper"] < channels["rotated"] < channels["direct_cast"] / 2, channels
     assert all(0 < r["bf16"] < 0.01 for r in rows.values()), rows
+
+
+def test_blocks_at_peak_replays_a_memory_trace():
+    # bench_*.py --peak-trace: which blocks are live when the traced ones peak, and where each came from.
+    sys.path.insert(0, str(EXAMPLES.parent / "benchmarks"))
+    from common import blocks_at_peak
+
+    mib = 2**20
+    generated = [{"filename": "/tmp/torchinductor_u/ab/cab.py", "line": 1, "name": "call"}]
+    model = [{"filename": "/x/model.py", "line": 3, "name": "forward"}]
+    events = [
+        {"action": "free_completed", "addr": 9, "size": 8 * mib},  # allocated before the trace: ignored
+        {"action": "alloc", "addr": 1, "size": 1 * mib, "frames": generated},
+        {"action": "alloc", "addr": 2, "size": 3 * mib, "frames": model},
+        {"action": "free_requested", "addr": 1, "size": 1 * mib},
+        {"action": "free_completed", "addr": 1, "size": 1 * mib},
+        {"action": "alloc", "addr": 3, "size": 2 * mib, "frames": generated},
+        {"action": "free_completed", "addr": 2, "size": 3 * mib},
+        {"action": "alloc", "addr": 4, "size": 1 * mib, "frames": model},
+    ]
+    peak = blocks_at_peak(events)
+    assert (peak["peak_mib"], peak["blocks"]) == (5, 2)
+    assert [(b["MiB"], b["allocated at"]) for b in peak["top"]] == [(3, "model.py:3"), (2, "cab.py:1")]
