@@ -1,16 +1,17 @@
 """The ~1B Llama of bench_llama.py under FSDP2 on every GPU of one host: BF16 vs fp4compile, tokens/s per
-GPU and peak memory per GPU, side by side in one run. Each decoder layer is compiled (regional
+GPU, host time per step and peak memory per GPU, side by side in one run. Each decoder layer is compiled (regional
 compilation), then sharded with fully_shard, then the root (torchtitan's order); parameters in BF16,
 gradients reduce-scattered in FP32 (MixedPrecisionPolicy), fused AdamW.
 
     torchrun --nproc_per_node 2 benchmarks/bench_fsdp.py --out results/fsdp.json
     torchrun --nproc_per_node 2 benchmarks/bench_fsdp.py --tiny      # a few-second check on CPU (gloo)
 
-Variants: bf16_inductor; fp4_occ_off and fp4_occ_on (the paper recipe); fp4_fp8rs (OCC off, with
-fp4compile.distributed.FP8ReduceScatter for the gradients).
+Variants: bf16_inductor; fp4_occ_off (the `dge` recipe); fp4_rotated (the default recipe); fp4_fp8rs
+(`dge`, with fp4compile.distributed.FP8ReduceScatter for the gradients); fp4_occ_on (the `paper` recipe,
+not run unless asked). On CUDA each step is timed from an idle GPU (CUDA events), and "host ms" is the
+median time until the step's call returns: near the step time, the host limits the step.
 """
 
-import gc
 import os
 import time
 
@@ -20,14 +21,15 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fp4compile
-from common import environment, parser, print_table, write_json
+from common import environment, fresh_start, parser, print_table, time_ms, write_json
 from fp4compile import FP4Config
 
 VARIANTS = {
     "bf16_inductor": ("inductor", False),
     "fp4_occ_off": (FP4Config.from_recipe_name("dge"), False),
-    "fp4_occ_on": (FP4Config.from_recipe_name("paper"), False),
+    "fp4_rotated": (FP4Config.from_recipe_name("rotated"), False),
     "fp4_fp8rs": (FP4Config.from_recipe_name("dge"), True),
+    "fp4_occ_on": (FP4Config.from_recipe_name("paper"), False),
 }
 
 
@@ -62,29 +64,32 @@ def run(variant, args, device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
     start = time.perf_counter()
     step()
-    sync()
+    if cuda:
+        torch.cuda.synchronize()
     first = time.perf_counter() - start
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / args.iters
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"variant": variant, "step ms": seconds * 1e3, "tokens/s per GPU": args.batch * args.seq / seconds,
+        t = time_ms(step, warmup=args.warmup, iters=args.iters)
+        ms, host, peak = t["median_ms"], t["host_ms"], torch.cuda.max_memory_allocated() / 2**30
+    else:  # gloo on CPU: every step is synchronous, so its wall time is its host time
+        for _ in range(args.warmup):
+            step()
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        ms = host = (time.perf_counter() - start) / args.iters * 1e3
+        peak = float("nan")
+    return {"variant": variant, "step ms": ms, "host ms": host, "tokens/s per GPU": args.batch * args.seq / ms * 1e3,
             "peak GiB per GPU": peak, "first step s": first}
 
 
 def main():
     p = parser(__doc__, "results/fsdp.json")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="bf16_inductor,fp4_occ_off,fp4_rotated,fp4_fp8rs",
+                   help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--batch", type=int, default=8, help="sequences per GPU (bench_llama.py's batch on one GPU)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
@@ -101,11 +106,8 @@ def main():
         torch.cuda.set_device(device)
     rows = []
     for variant in args.variants.split(","):
-        torch._dynamo.reset()
-        gc.collect()
+        fresh_start()
         rows.append(run(variant, args, device))
-        if cuda:
-            torch.cuda.empty_cache()
     base = next(r for r in rows if r["variant"] == "bf16_inductor")
     for r in rows:
         r["vs bf16"] = r["tokens/s per GPU"] / base["tokens/s per GPU"]
@@ -113,8 +115,8 @@ def main():
     if rank == 0:
         world = dist.get_world_size()
         title = f"~1B Llama, FSDP2 on {world} {'GPUs' if cuda else 'CPU processes'}, seq {args.seq}, batch {args.batch} per GPU"
-        print_table(rows, ["variant", "step ms", "tokens/s per GPU", "vs bf16", "peak GiB per GPU", "memory vs bf16",
-                           "first step s"], title)
+        print_table(rows, ["variant", "step ms", "host ms", "tokens/s per GPU", "vs bf16", "peak GiB per GPU",
+                           "memory vs bf16", "first step s"], title)
         write_json(args.out, {"env": environment() if cuda else {"device": "cpu"}, "world": world,
                               "args": vars(args), "results": rows})
     dist.destroy_process_group()
