@@ -62,7 +62,7 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
 
     ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with Inductor's default
     settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor",
-    except ``emulate_precision_casts``, on by default: compiled numerics equal eager's), or
+    except ``emulate_precision_casts``, on by default: generated kernels round where eager code does), or
     "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for debugging)."""
     config = config or FP4Config()
     if inner not in INNER_COMPILERS:
