@@ -28,10 +28,11 @@ class FP4Config:
     rotation: rotate both operands of every forward GEMM along K by a fixed randomized Hadamard
         transform in groups of this size (16, 32, 64 or 128; 128 by default) before they are quantized,
         which spreads each outlier over its group (what OCC's clamping handles otherwise, here with no
-        compensation GEMM); None: no rotation. The product is unchanged in exact arithmetic, the gradients are rotated
-        back, and DGE acts on the rotated weight. Needs format="vector" and backward="fp8". A matmul
-        whose K is not a multiple of the group takes the largest smaller group that divides K, and stays
-        in high precision if K is not a multiple of 16 (report.json gives each site's group or reason).
+        compensation GEMM); None: no rotation. The product is unchanged in exact arithmetic, the
+        gradients are rotated back, and DGE acts on the rotated weight. Needs format="vector" and
+        backward="fp8". A matmul whose K is not a multiple of the group takes the largest smaller group
+        that divides K, and stays in high precision if K is not a multiple of 16 (report.json gives each
+        site's group or reason).
     occ_sample: estimate the quantiles from this many entries (a fixed stratified sample) when the
         activation has at least 16 times as many; None computes them exactly (slow on large tensors: see runtime/occ.py).
     grad_dtype: FP8 dtype of dY in the two backward GEMMs ("float8_e5m2", "float8_e4m3fn"), scaled per

@@ -221,7 +221,8 @@ class FP4MatmulNT(torch.autograd.Function):
 
 def fp4_matmul_nt(a, b, bias=None, spec: MatmulSpec | None = None):
     """a @ b.mT (+ bias) with FP4 operands; ``spec`` defaults to FP4Config() (the rotated recipe) with b
-    a weight. The unbiased NVFP4 recipes (config.backward "nvidia" / "quartet2") have their own autograd function."""
+    a weight. The unbiased NVFP4 recipes (config.backward "nvidia" / "quartet2") have their own autograd
+    function."""
     spec = spec or MatmulSpec(FP4Config())
     if spec.config.backward != "fp8":
         from fp4compile.runtime.unbiased import UnbiasedMatmulNT

@@ -11,9 +11,9 @@ CSE merges the calls for an input several sites share (q/k/v's, gate/up's).
 
 With a rotation matrix (``FP4Config.rotation``: hadamard.rotation_matrix, [G, G] in x's dtype), each row
 is first multiplied by it in groups of G along K (one tensor-core dot per program in x's dtype, FP32
-accumulation, rounded to x's dtype as ``hadamard.rotate`` rounds it), so the rotated activation is never stored: the
-bits of ``gemm_operand(rotate(x, G), "vector")`` wherever the dot's FP32 sums are exact (the order of
-the additions is the kernel's own, as it is cuBLAS's in the reference's GEMM).
+accumulation, rounded to x's dtype as ``hadamard.rotate`` rounds it), so the rotated operand is never
+stored: the bits of ``gemm_operand(rotate(x, G), "vector")`` wherever the dot's FP32 sums are exact (the
+order of the additions is the kernel's own, as it is cuBLAS's in the reference's GEMM).
 """
 
 import os
@@ -81,7 +81,8 @@ def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE
 
 @triton.jit
 def _rotated_fp4_rows_kernel(x_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP32_DOT: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                             FP32_DOT: tl.constexpr):
     x, offsets, rows, rmask, mask = _tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
     x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP, FP32_DOT)
     _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
