@@ -134,5 +134,48 @@ def test_custom_op_schema_and_fake_match_the_kernel():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _step(kernels: bool) -> tuple[list, list]:
+    """A compiled BF16 MLP's step with the default recipe on the CPU: outputs and gradients, and the
+    (dtype, shape) of what it saves for the backward. ``kernels``: the path CUDA takes (activations and
+    weights rotated and quantized by fp4_rows), its kernels run in Triton's interpreter."""
+    import torch.nn as nn
+
+    import fp4compile
+    from fp4compile import FP4Config
+    from fp4compile.runtime import matmul
+
+    fused_rows = matmul.fused_rows
+    if kernels:
+        matmul.fused_rows = lambda x, format: format == "vector" and x.dim() > 0 and 0 < x.shape[-1] <= MAX_K
+    try:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 768, bias=False), nn.GELU(), nn.Linear(768, 256, bias=False)).bfloat16()
+        x = (torch.randint(-16, 17, (64, 256)) / 8).bfloat16().requires_grad_()  # dyadic: exact rotations
+        saved = {}
+        compiled = torch.compile(model, backend=fp4compile.backend(FP4Config()))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t),
+                                                      lambda t: t):
+            y = compiled(x)
+        y.float().square().mean().backward()
+    finally:
+        matmul.fused_rows = fused_rows
+    results = [y, x.grad, *(p.grad for p in model.parameters())]
+    return [t.float().tolist() for t in results], sorted([str(t.dtype), list(t.shape)] for t in saved.values())
+
+
+def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
+    """The default recipe's compiled step as CUDA runs it (both operands of each GEMM rotated and quantized
+    by fp4_rows, launched from Inductor's code there), in Triton's interpreter, against the CPU's path
+    (rotation GEMMs, then Inductor's quantize): the same outputs and gradients, bit for bit."""
+    results = run_interpreted(__file__, "step")
+    assert results["kernels"][0] == results["reference"][0]
+
+
 if __name__ == "__main__":
-    print(json.dumps(_all_cases("cpu")))
+    import sys
+
+    if sys.argv[1:] == ["step"]:
+        print(json.dumps({"kernels": _step(True), "reference": _step(False)}))
+    else:
+        print(json.dumps(_all_cases("cpu")))
