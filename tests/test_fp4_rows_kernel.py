@@ -135,9 +135,10 @@ def test_custom_op_schema_and_fake_match_the_kernel():
 
 
 def _step(kernels: bool) -> tuple[list, list]:
-    """A compiled BF16 MLP's step with the default recipe on the CPU: outputs and gradients, and the
-    (dtype, shape) of what it saves for the backward. ``kernels``: the path CUDA takes (activations and
-    weights rotated and quantized by fp4_rows), its kernels run in Triton's interpreter."""
+    """A compiled MLP's step with the default recipe on the CPU, FP32 weights under BF16 autocast (as
+    train_lm.py trains): outputs and gradients, and the (dtype, shape) of what it saves for the backward
+    (weights left out). ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows),
+    its kernels run in Triton's interpreter."""
     import torch.nn as nn
 
     import fp4compile
@@ -150,26 +151,30 @@ def _step(kernels: bool) -> tuple[list, list]:
     try:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 768, bias=False), nn.GELU(), nn.Linear(768, 256, bias=False)).bfloat16()
-        x = (torch.randint(-16, 17, (64, 256)) / 8).bfloat16().requires_grad_()  # dyadic: exact rotations
+        model = nn.Sequential(nn.Linear(256, 768, bias=False), nn.GELU(), nn.Linear(768, 256, bias=False))
+        x = (torch.randint(-16, 17, (64, 256)) / 8).requires_grad_()  # dyadic: exact rotations
         saved = {}
         compiled = torch.compile(model, backend=fp4compile.backend(FP4Config()))
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t),
-                                                      lambda t: t):
-            y = compiled(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t), lambda t: t):
+                y = compiled(x)
         y.float().square().mean().backward()
     finally:
         matmul.fused_rows = fused_rows
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     results = [y, x.grad, *(p.grad for p in model.parameters())]
-    return [t.float().tolist() for t in results], sorted([str(t.dtype), list(t.shape)] for t in saved.values())
+    return ([t.float().tolist() for t in results],
+            sorted([str(t.dtype), list(t.shape)] for k, t in saved.items() if k not in weights))
 
 
 def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
-    """The default recipe's compiled step as CUDA runs it (both operands of each GEMM rotated and quantized
-    by fp4_rows, launched from Inductor's code there), in Triton's interpreter, against the CPU's path
-    (rotation GEMMs, then Inductor's quantize): the same outputs and gradients, bit for bit."""
+    """The default recipe's compiled step as CUDA runs it (each activation rotated and quantized by
+    fp4_rows, launched from Inductor's code there), in Triton's interpreter, against the CPU's path
+    (rotation GEMMs, then Inductor's quantize): the same outputs and gradients, bit for bit, and the same
+    tensors saved for the backward (weights through the kernel saved its output and their BF16 cast)."""
     results = run_interpreted(__file__, "step")
-    assert results["kernels"][0] == results["reference"][0]
+    assert results["kernels"] == results["reference"]
 
 
 if __name__ == "__main__":

@@ -63,11 +63,11 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
     kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
     into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: the
-    operand rotated inside its quantize kernel (``_operand``). Activations go through the kernel where it
-    runs (``fused_rows``): Inductor fuses the reference into their producers as a looped reduction that
-    reads each row twice (kernels/fp4_rows_triton.py). Unrotated weights stay with Inductor: through the
-    kernel their quantize took less GPU time, but the step more (CHANGELOG.md, when each call went
-    through the dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE."""
+    activation rotated inside its quantize kernel (``_operand``). Activations go through the kernel where
+    it runs (``fused_rows``): Inductor fuses the reference into their producers as a looped reduction that
+    reads each row twice (kernels/fp4_rows_triton.py). Weights stay with Inductor: through the kernel their
+    quantize took less GPU time, but the step more (CHANGELOG.md, when each call went through the
+    dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
@@ -93,12 +93,15 @@ def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dt
 
 def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool):
     """(x as the GEMM multiplies it, ``_quantize``'s tuple) of one forward operand, rotated along K where
-    config.rotation says. An operand that nothing but its quantize reads rotated (OCC off, quantized
-    backward operands), where the quantize kernel runs, is rotated inside it and comes back unrotated: a
-    weight's rotation for DGE is then recomputed in the backward, as it is otherwise (``rotated``)."""
+    config.rotation says. An activation that nothing but its quantize reads rotated (OCC off, quantized
+    backward operands), where the quantize kernel runs, is rotated inside it and comes back unrotated.
+    Weights are rotated by ``rotated``, whose tag has the backward recompute the rotation (and a cast to
+    ``dtype``) for DGE: through the kernel, the partitioner saved the kernel's output and the weight's
+    cast (3 bytes per parameter under autocast with FP32 weights)."""
     if not config.rotation:
         return x, _quantize(x, is_weight, config, dtype, packed)
-    if config.occ or config.backward_operands == "original" or packed or not fused_rows(x, config.format):
+    if (is_weight or config.occ or config.backward_operands == "original" or packed
+            or not fused_rows(x, config.format)):
         x = rotated(x, is_weight, config, dtype)
         return x, _quantize(x, is_weight, config, dtype, packed)
     x = x.to(dtype)
