@@ -303,3 +303,22 @@ def test_a_linear_feeding_cross_entropy_is_an_output_head():
     assert "weight shaped like the input embedding embed.weight [10, 16]" in report["sites"][1]["reason"]
     report, _ = rewritten(Classifier(), x)  # no embedding, no loss: a plain Linear
     assert [s["status"] for s in report["sites"]] == ["fp4", "fp4"]
+
+
+def test_a_compiled_model_is_freed_once_let_go():
+    """The name index holds no model alive: after the user drops a model and resets Dynamo, its parameters
+    are freed (a kept model held a whole second model's memory through the next one's training)."""
+    import gc
+    import weakref
+
+    model = Stack(n=2)
+    compiled = torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))
+    compiled(torch.randn(4, 32)).sum().backward()
+    assert names.parameter_name(model.layers[1].a.weight) == "layers.1.a.weight"
+    weight = weakref.ref(model.layers[0].a.weight)
+    del model, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert weight() is None
+    other = Stack(n=1)  # the index is rebuilt for objects it has not seen
+    assert names.parameter_name(other.layers[0].b.weight) == "layers.0.b.weight"

@@ -41,7 +41,9 @@ def _is_wrapper(parent: nn.Module, attr: str) -> bool:
 
 
 class _Index:
-    """Every module and parameter alive in the process -> (FQN, root module). One walk over gc's objects."""
+    """Every module and parameter alive in the process -> (FQN, root module). One walk over gc's objects.
+    Keys and roots are held weakly: the index outlives the compile that built it, and must not keep a
+    model the user has let go alive (with its parameters: a whole model's memory on the GPU)."""
 
     def __init__(self):
         self.compile = _compile_token()
@@ -54,16 +56,21 @@ class _Index:
         for root in roots:
             self._walk(root)
 
+    def get(self, obj) -> tuple[str, nn.Module] | None:
+        entry = self.entries.get(obj)
+        root = entry[1]() if entry else None
+        return None if root is None else (entry[0], root)
+
     def _walk(self, root: nn.Module) -> None:
         stack = [(root, "")]
         while stack:
             module, prefix = stack.pop()
             if module in self.entries:
                 continue
-            self.entries[module] = (prefix, root)
+            self.entries[module] = (prefix, weakref.ref(root))
             for name, p in module._parameters.items():
                 if p is not None and p not in self.entries:
-                    self.entries[p] = (_join(prefix, name), root)
+                    self.entries[p] = (_join(prefix, name), weakref.ref(root))
             for name, child in reversed(module._modules.items()):
                 if child is not None:
                     stack.append((child, prefix if _is_wrapper(module, name) else _join(prefix, name)))
@@ -82,9 +89,11 @@ def lookup(obj) -> tuple[str, nn.Module] | None:
     """(FQN, root) of a module or parameter. Walks gc again for an object not seen yet (once per compile)."""
     global _index
     token = _compile_token()
-    if _index is None or (obj not in _index.entries and (token is None or _index.compile != token)):
+    found = None if _index is None else _index.get(obj)
+    if found is None and (_index is None or token is None or _index.compile != token):
         _index = _Index()
-    return _index.entries.get(obj)
+        found = _index.get(obj)
+    return found
 
 
 def modules_of_type(cls: type, exact: bool = False) -> list[nn.Module]:
