@@ -62,15 +62,15 @@ class _Index:
         return None if root is None else (entry[0], root)
 
     def _walk(self, root: nn.Module) -> None:
-        stack = [(root, "")]
+        stack, root_ref = [(root, "")], weakref.ref(root)
         while stack:
             module, prefix = stack.pop()
             if module in self.entries:
                 continue
-            self.entries[module] = (prefix, weakref.ref(root))
+            self.entries[module] = (prefix, root_ref)
             for name, p in module._parameters.items():
                 if p is not None and p not in self.entries:
-                    self.entries[p] = (_join(prefix, name), weakref.ref(root))
+                    self.entries[p] = (_join(prefix, name), root_ref)
             for name, child in reversed(module._modules.items()):
                 if child is not None:
                     stack.append((child, prefix if _is_wrapper(module, name) else _join(prefix, name)))
