@@ -2,8 +2,10 @@
 block, a block with a graph break, a @train_step function, a wrapped model); output heads are found by
 structure and kept in high precision."""
 
+import gc
 import json
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -308,9 +310,6 @@ def test_a_linear_feeding_cross_entropy_is_an_output_head():
 def test_a_compiled_model_is_freed_once_let_go():
     """The name index holds no model alive: after the user drops a model and resets Dynamo, its parameters
     are freed (a kept model held a whole second model's memory through the next one's training)."""
-    import gc
-    import weakref
-
     model = Stack(n=2)
     compiled = torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))
     compiled(torch.randn(4, 32)).sum().backward()
