@@ -103,14 +103,25 @@ def environment() -> dict:
     }
 
 
+_HELD_AT_FIRST_START = []  # GPU memory allocated at the first fresh_start: the benchmark's own inputs
+
+
 def fresh_start() -> None:
     """Forget the previous variant before the next is measured: Dynamo's caches, and its model, grads and
     buffers, which compiled code keeps in reference cycles until a collection (uncollected, they counted
-    in the next variant's peak memory)."""
+    in the next variant's peak memory). Warns when well over what was allocated at the first call is still
+    held: something keeps an earlier variant alive (as the fp4 backend once kept every compiled model)."""
     torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated()
+        if not _HELD_AT_FIRST_START:
+            _HELD_AT_FIRST_START.append(held)
+        extra = held - _HELD_AT_FIRST_START[0]
+        if extra > 128 * 2**20:  # more than cuBLAS's and cuDNN's workspaces, which stay allocated
+            print(f"warning: {extra / 2**20:.0f} MiB of earlier variants still allocated; the next variant's "
+                  "peak memory counts them")
 
 
 def time_ms(fn, warmup: int = 3, iters: int = 20) -> dict:
