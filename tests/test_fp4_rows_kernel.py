@@ -49,7 +49,9 @@ def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0, dyadi
     if m > 4 and k > 4:
         x[1, 2], x[2, 0] = float("nan"), float("-inf")
         x[3] = 0.0
-        x[4] = 1e-37 if dtype != torch.float16 else 1e-7  # FP16's smallest normal is 6e-5
+        # Below the 2^-126 scale floor's reach (amax < 6 * 2^-126); powers of two, so that a rotated row's
+        # FP32 sums are exact in any order (FP16's smallest normal is 6e-5: 1e-7 rounds to 2^-23).
+        x[4] = 2.0**-125 if dtype != torch.float16 else 1e-7
     return x.to(dtype).to(device)[:, :k]
 
 
