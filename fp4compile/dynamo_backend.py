@@ -2,6 +2,7 @@
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 from torch._dynamo.backends.registry import lookup_backend
@@ -13,6 +14,11 @@ from fp4compile.passes.recompute import RecomputeRotations
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
+CPP_WRAPPER_ON_CUDA = (
+    "fp4compile: Inductor's C++ wrapper (cpp_wrapper=True) is not supported with the fp4 backend on CUDA: "
+    "with torch 2.11 the fp4 graphs failed to compile with it ('CudaKernelParamCache not populated' for a "
+    "kernel around the gradient quantize). Leave it off; mode='reduce-overhead' takes out the host time "
+    "where CUDA graphs suit the model.")
 
 
 @functools.cache
@@ -72,6 +78,9 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
         if inner != "inductor" and (mode or options):
             raise ValueError(f"mode and options configure Inductor, which inner={inner!r} does not use")
         patches = inductor_patches(mode, options) if inner == "inductor" else None
+        if patches and patches.get("cpp_wrapper") and any(
+                isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+            warnings.warn(CPP_WRAPPER_ON_CUDA, stacklevel=2)
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
             prepare_inductor()

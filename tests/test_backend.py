@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -408,3 +409,20 @@ def test_an_operand_several_gemms_read_is_stored_once():
     _, (code,) = run_and_get_code(torch.compile(two_gemms, backend=fp4compile.backend()), x, w1, w2)
     first_operands = re.findall(r"_scaled_mm\((\w+),", code)
     assert len(first_operands) == 2 and first_operands[0] == first_operands[1], first_operands
+
+
+def test_cpp_wrapper_on_cuda_warns(monkeypatch):
+    """Inductor's C++ wrapper failed to compile the fp4 graphs on CUDA (torch 2.11): asking for it with
+    CUDA inputs warns, naming what to use instead; CPU graphs compile with it as asked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(dynamo_backend, "compile_fx", lambda gm, example_inputs, config_patches: gm.forward)
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    with FakeTensorMode():
+        cuda = [torch.empty(2, 3, device="cuda")]
+    with pytest.warns(UserWarning, match="mode='reduce-overhead'"):
+        fp4compile.backend()(gm, cuda, options={"cpp_wrapper": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp4compile.backend()(gm, cuda)
+        fp4compile.backend()(gm, [torch.empty(2, 3)], options={"cpp_wrapper": True})
