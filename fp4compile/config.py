@@ -39,6 +39,12 @@ class FP4Config:
         row along each GEMM's reduction dim; None keeps dY in its own dtype.
     backward_operands: "quantized" multiplies dY by the forward's FP4 operands (the paper);
         "original" by the unquantized operands (a high-precision backward; DGE still applies).
+    recompute_activations: quantize (and rotate) each activation operand again in the backward instead
+        of keeping its FP8 values for it, from what the backward keeps anyway (an RMSNorm's input and
+        statistics, SwiGLU's inputs, attention's output): one byte less per element of every quantized
+        activation at the cost of a second quantize pass in the backward; the numerics are the same.
+        Not with OCC (its quantile selection would run again too) or the unbiased backwards. Inductor's
+        partitioner does it: with inner="aot_eager" the FP8 values are kept.
     include, exclude: which sites to quantize, by the FQN of their module in the root model
         ("model.layers.0.mlp.up_proj"), the same under regional compilation (each block compiled), graph
         breaks, @train_step and DDP/FSDP wrappers: a sequence of fnmatch patterns, or a callable taking the
@@ -77,6 +83,7 @@ class FP4Config:
     rotation: int | None = 128
     grad_dtype: str | None = "float8_e5m2"
     backward_operands: str = "quantized"
+    recompute_activations: bool = False
     include: ModuleFilter = None
     exclude: ModuleFilter = ()
     quantize_output_heads: bool = False
@@ -102,6 +109,11 @@ class FP4Config:
             raise ValueError(f"occ_quantile must be in (0.5, 1], e.g. 0.99, got {self.occ_quantile}")
         self._check_backward()
         self._check_rotation()
+        if self.recompute_activations and (self.occ or self.backward != "fp8"):
+            raise ValueError(f"recompute_activations=True needs occ=False and backward='fp8', got occ={self.occ}, "
+                             f"backward={self.backward!r} (OCC's quantile selection would run again in the "
+                             "backward; the unbiased backwards keep other operands): use it with the recipe "
+                             "'rotated' or 'dge', or leave it off")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):

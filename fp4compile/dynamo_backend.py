@@ -10,7 +10,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
-from fp4compile.passes.recompute import RecomputeRotations
+from fp4compile.passes.recompute import RecomputeTagged
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
@@ -87,9 +87,9 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
             # Fused kernels round where eager rounds (to BF16: DGE's factor, a rotated weight recomputed for
             # DGE): without it Inductor skips those casts and the weight gradients drift from eager's.
             patches.setdefault("emulate_precision_casts", True)
-            if config.rotation:
+            if config.rotation or config.recompute_activations:
                 previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
-                patches["joint_custom_pre_pass"] = RecomputeRotations(previous)
+                patches["joint_custom_pre_pass"] = RecomputeTagged(previous)
             return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(inner)(gm, example_inputs)
 

@@ -18,7 +18,7 @@ from fp4compile import FP4Config
 from fp4compile import dynamo_backend
 from fp4compile.dynamo_backend import fp4_backend, inductor_patches
 from fp4compile.passes.find_sites import clean_fqn
-from fp4compile.passes.recompute import RecomputeRotations
+from fp4compile.passes.recompute import RecomputeTagged
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 
 
@@ -117,7 +117,7 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     torch._dynamo.reset()
     torch.testing.assert_close(fp4compile.compile(model, options={"coordinate-descent-tuning": True})(x), want)
     # The default recipe rotates: its joint-graph pass rides along with whatever else is asked for.
-    assert all(isinstance(p.pop("joint_custom_pre_pass"), RecomputeRotations) for p in patches)
+    assert all(isinstance(p.pop("joint_custom_pre_pass"), RecomputeTagged) for p in patches)
     exact = {"emulate_precision_casts": True}
     assert patches == [exact, {**exact, "triton.cudagraphs": True}, {**exact, "coordinate_descent_tuning": True}]
     torch._dynamo.reset()
@@ -382,8 +382,8 @@ def test_rotation_keeps_a_joint_graph_pass_already_set(monkeypatch):
     from fp4compile.passes import recompute
 
     seen = []
-    ours = recompute.recompute_rotations
-    monkeypatch.setattr(recompute, "recompute_rotations", lambda graph: (seen.append("ours"), ours(graph)))
+    ours = recompute.recompute_tagged
+    monkeypatch.setattr(recompute, "recompute_tagged", lambda graph: (seen.append("ours"), ours(graph)))
     model = nn.Linear(64, 32)
     with torch._inductor.config.patch(joint_custom_pre_pass=lambda graph: seen.append("user's")):
         torch._dynamo.reset()
@@ -426,3 +426,47 @@ def test_cpp_wrapper_on_cuda_warns(monkeypatch):
         warnings.simplefilter("error")
         fp4compile.backend()(gm, cuda)
         fp4compile.backend()(gm, [torch.empty(2, 3)], options={"cpp_wrapper": True})
+
+
+def _llama_step(config):
+    """Loss, gradients and what a one-layer Llama's compiled step keeps for its backward ((dtype, shape)
+    of each saved tensor but the parameters), with 48 tokens (2 x 24), a size no weight has."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    llama = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=24)
+    llama._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(llama).bfloat16()
+    for layer in model.model.layers:
+        layer.compile(backend=fp4compile.backend(config))
+    ids = torch.randint(0, 128, (2, 24))
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t),
+                                                  lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = [(str(t.dtype), tuple(t.shape), t.untyped_storage().nbytes()) for k, t in saved.items() if k not in params]
+    return [loss.detach(), *(p.grad for p in model.parameters())], kept
+
+
+def test_recompute_activations_keeps_no_fp8_activation():
+    """With recompute_activations, a Llama layer's step keeps no activation's FP8 values for the backward
+    (it quantizes them again from what it keeps anyway: the norms' inputs and statistics, SwiGLU's inputs,
+    attention's output), no more of anything else, and computes the same loss and gradients, bit for bit."""
+    (base, base_kept), (lean, lean_kept) = (_llama_step(FP4Config(recompute_activations=r)) for r in (False, True))
+    assert all(torch.equal(a, b) for a, b in zip(base, lean, strict=True))
+    fp8 = lambda kept, activations: sorted(  # noqa: E731
+        n for d, s, n in kept if d == "torch.float8_e4m3fn" and (48 in s) == activations)
+    assert fp8(base_kept, True) and not fp8(lean_kept, True)
+    assert fp8(lean_kept, False) == fp8(base_kept, False)  # the weights' values, kept as before
+    others = lambda kept: sum(n for d, _, n in kept if d != "torch.float8_e4m3fn")  # noqa: E731
+    assert others(lean_kept) <= others(base_kept)
+
+
+def test_recompute_activations_needs_the_fp8_backward_without_occ():
+    for recipe in ("paper", "nvidia_nvfp4"):
+        with pytest.raises(ValueError, match="recompute_activations=True needs occ=False and backward='fp8'"):
+            FP4Config.from_recipe_name(recipe, recompute_activations=True)

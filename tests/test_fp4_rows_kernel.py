@@ -136,7 +136,7 @@ def test_custom_op_schema_and_fake_match_the_kernel():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def _step(kernels: bool) -> tuple[list, list]:
+def _step(kernels: bool, recompute_activations: bool = False) -> tuple[list, list]:
     """A compiled MLP's step with the default recipe on the CPU, FP32 weights under BF16 autocast (as
     train_lm.py trains): outputs and gradients, and the (dtype, shape) of what it saves for the backward
     (weights left out). ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows),
@@ -156,7 +156,8 @@ def _step(kernels: bool) -> tuple[list, list]:
         model = nn.Sequential(nn.Linear(256, 768, bias=False), nn.GELU(), nn.Linear(768, 256, bias=False))
         x = (torch.randint(-16, 17, (64, 256)) / 8).requires_grad_()  # dyadic: exact rotations
         saved = {}
-        compiled = torch.compile(model, backend=fp4compile.backend(FP4Config()))
+        config = FP4Config(recompute_activations=recompute_activations)
+        compiled = torch.compile(model, backend=fp4compile.backend(config))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with torch.autograd.graph.saved_tensors_hooks(
                     lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t), lambda t: t):
@@ -177,12 +178,19 @@ def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
     tensors saved for the backward (weights through the kernel saved its output and their BF16 cast)."""
     results = run_interpreted(__file__, "step")
     assert results["kernels"] == results["reference"]
+    # With recompute_activations the backward runs fp4_rows again on the input and the GELU output
+    # (recomputed from the first GEMM's output, which GELU's backward keeps): no FP8 values of the 64
+    # tokens kept, and the same outputs and gradients.
+    (got, saved), (want, kept) = results["recomputed"], results["kernels"]
+    assert got == want
+    assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn" and 64 in shape]
+    assert [shape for dtype, shape in kept if dtype == "torch.float8_e4m3fn" and 64 in shape]
 
 
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["step"]:
-        print(json.dumps({"kernels": _step(True), "reference": _step(False)}))
+        print(json.dumps({"kernels": _step(True), "reference": _step(False), "recomputed": _step(True, True)}))
     else:
         print(json.dumps(_all_cases("cpu")))

@@ -1,12 +1,17 @@
-"""A joint-graph pass for Inductor: weights' rotations (``FP4Config.rotation``) are recomputed in the backward, never saved.
+"""A joint-graph pass for Inductor: tagged operations are recomputed in the backward, never saved.
 
-With ``FP4Config.rotation``, DGE in the backward needs each weight rotated as the forward rotated it.
-AOTAutograd's CSE merges the two products, and its partitioner never recomputes a GEMM, so it would save
-every rotated weight for the backward: two bytes per parameter. ``matmul.rotated`` tags a weight's
-rotation (a ``torch.fx.traceback.annotate`` that reaches the joint graph); this pass marks those nodes
-MUST_RECOMPUTE, so the backward rotates the weight again, a GEMM of 2 x group FLOPs per weight element.
-Activations' rotations stay untagged: tagged, the partitioner saved the BF16 activation to recompute its
-rotation and quantization, instead of the quantized values.
+Two kinds are tagged (``matmul.recomputed``, a ``torch.fx.traceback.annotate`` that reaches the joint
+graph), and this pass marks their nodes MUST_RECOMPUTE:
+
+- Weights' rotations (``FP4Config.rotation``): DGE in the backward needs each weight rotated as the
+  forward rotated it. AOTAutograd's CSE merges the two products, and its partitioner never recomputes a
+  GEMM, so it would save every rotated weight for the backward: two bytes per parameter. Tagged, the
+  backward rotates the weight again, a GEMM of 2 x group FLOPs per weight element.
+- With ``FP4Config.recompute_activations``, activations' quantization (and rotation): the backward
+  quantizes each activation again from what it keeps anyway (an RMSNorm's input and statistics,
+  SwiGLU's inputs, attention's output), instead of keeping its FP8 values. Untagged, the partitioner
+  never recomputes the quantize kernel (a custom operator) or a rotation GEMM; tagged without the option,
+  a rotation alone had it save the BF16 activation instead of the quantized values.
 """
 
 import hashlib
@@ -16,17 +21,17 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import CheckpointPolicy
 
-ANNOTATION = {"fp4compile": "rotation"}
+ANNOTATION = {"fp4compile": "recompute"}
 
 
-def recompute_rotations(graph: fx.Graph) -> None:
+def recompute_tagged(graph: fx.Graph) -> None:
     for node in graph.nodes:
         if node.meta.get("custom", {}).get("fp4compile") == ANNOTATION["fp4compile"]:
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
 
-class RecomputeRotations(CustomGraphPass):
-    """``recompute_rotations`` as Inductor's ``joint_custom_pre_pass``, after the one already set (if any).
+class RecomputeTagged(CustomGraphPass):
+    """``recompute_tagged`` as Inductor's ``joint_custom_pre_pass``, after the one already set (if any).
     A CustomGraphPass, so Inductor's FX graph cache keys on it instead of bypassing the cache."""
 
     def __init__(self, previous=None):
@@ -35,8 +40,8 @@ class RecomputeRotations(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         if self.previous is not None:
             self.previous(graph)
-        recompute_rotations(graph)
+        recompute_tagged(graph)
 
     def uuid(self):
         previous = self.previous.uuid() if isinstance(self.previous, CustomGraphPass) else repr(self.previous)
-        return hashlib.sha256((inspect.getsource(recompute_rotations) + str(previous)).encode()).hexdigest()
+        return hashlib.sha256((inspect.getsource(recompute_tagged) + str(previous)).encode()).hexdigest()

@@ -67,27 +67,41 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     it runs (``fused_rows``): Inductor fuses the reference into their producers as a looped reduction that
     reads each row twice (kernels/fp4_rows_triton.py). Weights stay with Inductor: through the kernel their
     quantize took less GPU time, but the step more (CHANGELOG.md, when each call went through the
-    dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE."""
+    dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE. With
+    config.recompute_activations an activation's quantize is recomputed in the backward (``recomputed``)."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
+    with recomputed(config.recompute_activations and not is_weight):
+        values, outer, operand = _quantized(x, is_weight, config, packed, rotation)
+    return values, outer, residual, operand
+
+
+def _quantized(x, is_weight: bool, config: FP4Config, packed: bool, rotation: int | None):
+    """``_quantize``'s (values, outer, packed operand or None)."""
     if packed:
         from fp4compile.runtime.kernels.blackwell_quantize import gemm_values, pack_operand
 
         rows = pack_operand(x.reshape(-1, x.shape[-1]), config.format, quantizer="triton" if x.is_cuda else "reference")
         values, outer = gemm_values(rows)
         outer = outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
-        return values.reshape(x.shape), outer, residual, rows
+        return values.reshape(x.shape), outer, rows
     if rotation is not None or not is_weight and fused_rows(x, config.format):
-        return (*_rows_operand(x, rotation), residual, None)
-    return (*gemm_operand(x, config.format), residual, None)
+        return (*_rows_operand(x, rotation), None)
+    return (*gemm_operand(x, config.format), None)
+
+
+def recomputed(tagged: bool):
+    """Where ``tagged``, a context in which the traced operations are tagged for Inductor to recompute in
+    the backward rather than save their outputs for it (passes/recompute.py)."""
+    return torch.fx.traceback.annotate(RECOMPUTE) if tagged else contextlib.nullcontext()
 
 
 def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
     """Operand ``x`` rotated along K (hadamard.rotate, config.rotation) in ``dtype``. A weight's rotation
-    is tagged for Inductor to recompute in the backward (for DGE) rather than save (passes/recompute.py)."""
-    with torch.fx.traceback.annotate(RECOMPUTE) if is_weight else contextlib.nullcontext():
+    is recomputed in the backward (for DGE), an activation's with config.recompute_activations."""
+    with recomputed(is_weight or config.recompute_activations):
         return rotate(x.to(dtype), config.rotation)
 
 
