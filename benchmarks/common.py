@@ -27,6 +27,7 @@ VARIANTS = {
     "fp4_occ_on": FP4Config.from_recipe_name("paper"),
     "fp4_rotated": FP4Config.from_recipe_name("rotated"),
     "fp4_recompute": FP4Config.from_recipe_name("rotated", recompute_activations=True),
+    "fp4_recompute_all": FP4Config.from_recipe_name("rotated", recompute_activations=True, recompute_weights=True),
     "fp4_nvfp4_occ_off": FP4Config.from_recipe_name("nvfp4", occ=False),
     "nvidia_nvfp4": FP4Config.from_recipe_name("nvidia_nvfp4"),
     "quartet2": FP4Config.from_recipe_name("quartet2"),

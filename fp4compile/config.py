@@ -45,6 +45,8 @@ class FP4Config:
         activation at the cost of a second quantize pass in the backward; the numerics are the same.
         Not with OCC (its quantile selection would run again too) or the unbiased backwards. Inductor's
         partitioner does it: with inner="aot_eager" the FP8 values are kept.
+    recompute_weights: likewise for weights: quantized again in the backward from the parameters (DGE
+        rotates them again anyway), one byte per parameter less. Not with the unbiased backwards.
     include, exclude: which sites to quantize, by the FQN of their module in the root model
         ("model.layers.0.mlp.up_proj"), the same under regional compilation (each block compiled), graph
         breaks, @train_step and DDP/FSDP wrappers: a sequence of fnmatch patterns, or a callable taking the
@@ -84,6 +86,7 @@ class FP4Config:
     grad_dtype: str | None = "float8_e5m2"
     backward_operands: str = "quantized"
     recompute_activations: bool = False
+    recompute_weights: bool = False
     include: ModuleFilter = None
     exclude: ModuleFilter = ()
     quantize_output_heads: bool = False
@@ -114,6 +117,9 @@ class FP4Config:
                              f"backward={self.backward!r} (OCC's quantile selection would run again in the "
                              "backward; the unbiased backwards keep other operands): use it with the recipe "
                              "'rotated' or 'dge', or leave it off")
+        if self.recompute_weights and self.backward != "fp8":
+            raise ValueError(f"recompute_weights=True needs backward='fp8', got {self.backward!r} (the unbiased "
+                             "backwards keep other operands): leave it off")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -87,7 +87,7 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
             # Fused kernels round where eager rounds (to BF16: DGE's factor, a rotated weight recomputed for
             # DGE): without it Inductor skips those casts and the weight gradients drift from eager's.
             patches.setdefault("emulate_precision_casts", True)
-            if config.rotation or config.recompute_activations:
+            if config.rotation or config.recompute_activations or config.recompute_weights:
                 previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
                 patches["joint_custom_pre_pass"] = RecomputeTagged(previous)
             return compile_fx(gm, example_inputs, config_patches=patches)

@@ -455,18 +455,24 @@ def _llama_step(config):
 def test_recompute_activations_keeps_no_fp8_activation():
     """With recompute_activations, a Llama layer's step keeps no activation's FP8 values for the backward
     (it quantizes them again from what it keeps anyway: the norms' inputs and statistics, SwiGLU's inputs,
-    attention's output), no more of anything else, and computes the same loss and gradients, bit for bit."""
-    (base, base_kept), (lean, lean_kept) = (_llama_step(FP4Config(recompute_activations=r)) for r in (False, True))
-    assert all(torch.equal(a, b) for a, b in zip(base, lean, strict=True))
+    attention's output), no more of anything else, and computes the same loss and gradients, bit for bit;
+    with recompute_weights too, no FP8 values at all."""
+    (base, base_kept), (lean, lean_kept), (leanest, leanest_kept) = (
+        _llama_step(FP4Config(recompute_activations=a, recompute_weights=w)) for a, w in ((0, 0), (1, 0), (1, 1)))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(base, lean, leanest, strict=True))
+    assert not [s for d, s, _ in leanest_kept if d == "torch.float8_e4m3fn"]
     fp8 = lambda kept, activations: sorted(  # noqa: E731
         n for d, s, n in kept if d == "torch.float8_e4m3fn" and (48 in s) == activations)
     assert fp8(base_kept, True) and not fp8(lean_kept, True)
     assert fp8(lean_kept, False) == fp8(base_kept, False)  # the weights' values, kept as before
     others = lambda kept: sum(n for d, _, n in kept if d != "torch.float8_e4m3fn")  # noqa: E731
-    assert others(lean_kept) <= others(base_kept)
+    assert others(leanest_kept) <= others(lean_kept) <= others(base_kept)
 
 
-def test_recompute_activations_needs_the_fp8_backward_without_occ():
+def test_recompute_options_need_the_fp8_backward():
     for recipe in ("paper", "nvidia_nvfp4"):
         with pytest.raises(ValueError, match="recompute_activations=True needs occ=False and backward='fp8'"):
             FP4Config.from_recipe_name(recipe, recompute_activations=True)
+    with pytest.raises(ValueError, match="recompute_weights=True needs backward='fp8'"):
+        FP4Config.from_recipe_name("quartet2", recompute_weights=True)
+    assert FP4Config.from_recipe_name("paper", recompute_weights=True).recompute_weights

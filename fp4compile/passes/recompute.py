@@ -1,6 +1,6 @@
 """A joint-graph pass for Inductor: tagged operations are recomputed in the backward, never saved.
 
-Two kinds are tagged (``matmul.recomputed``, a ``torch.fx.traceback.annotate`` that reaches the joint
+These are tagged (``matmul.recomputed``, a ``torch.fx.traceback.annotate`` that reaches the joint
 graph), and this pass marks their nodes MUST_RECOMPUTE:
 
 - Weights' rotations (``FP4Config.rotation``): DGE in the backward needs each weight rotated as the
@@ -12,6 +12,8 @@ graph), and this pass marks their nodes MUST_RECOMPUTE:
   SwiGLU's inputs, attention's output), instead of keeping its FP8 values. Untagged, the partitioner
   never recomputes the quantize kernel (a custom operator) or a rotation GEMM; tagged without the option,
   a rotation alone had it save the BF16 activation instead of the quantized values.
+- With ``FP4Config.recompute_weights``, weights' quantization: from the parameters, which the backward
+  keeps anyway (DGE reads them), instead of their FP8 values.
 """
 
 import hashlib

@@ -68,12 +68,13 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     reads each row twice (kernels/fp4_rows_triton.py). Weights stay with Inductor: through the kernel their
     quantize took less GPU time, but the step more (CHANGELOG.md, when each call went through the
     dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE. With
-    config.recompute_activations an activation's quantize is recomputed in the backward (``recomputed``)."""
+    config.recompute_activations (recompute_weights) an activation's (a weight's) quantize is recomputed in
+    the backward (``recomputed``)."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
-    with recomputed(config.recompute_activations and not is_weight):
+    with recomputed(config.recompute_weights if is_weight else config.recompute_activations):
         values, outer, operand = _quantized(x, is_weight, config, packed, rotation)
     return values, outer, residual, operand
 
