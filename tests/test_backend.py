@@ -429,8 +429,8 @@ def test_cpp_wrapper_on_cuda_warns(monkeypatch):
 
 
 def _llama_step(config):
-    """Loss, gradients and what a one-layer Llama's compiled step keeps for its backward ((dtype, shape)
-    of each saved tensor but the parameters), with 48 tokens (2 x 24), a size no weight has."""
+    """Loss, gradients and what a one-layer Llama's compiled step keeps for its backward ((dtype, shape,
+    bytes) of each saved tensor but the parameters), with 48 tokens (2 x 24), a size no weight has."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch._dynamo.reset()
@@ -452,7 +452,7 @@ def _llama_step(config):
     return [loss.detach(), *(p.grad for p in model.parameters())], kept
 
 
-def test_recompute_activations_keeps_no_fp8_activation():
+def test_recompute_options_keep_no_fp8_values():
     """With recompute_activations, a Llama layer's step keeps no activation's FP8 values for the backward
     (it quantizes them again from what it keeps anyway: the norms' inputs and statistics, SwiGLU's inputs,
     attention's output), no more of anything else, and computes the same loss and gradients, bit for bit;

@@ -140,7 +140,7 @@ def _step(kernels: bool, recompute_activations: bool = False) -> tuple[list, lis
     """A compiled MLP's step with the default recipe on the CPU, FP32 weights under BF16 autocast (as
     train_lm.py trains): outputs and gradients, and the (dtype, shape) of what it saves for the backward
     (weights left out). ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows),
-    its kernels run in Triton's interpreter."""
+    its kernels run in Triton's interpreter; ``recompute_activations``: that option on."""
     import torch.nn as nn
 
     import fp4compile
