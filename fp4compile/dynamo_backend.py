@@ -2,7 +2,6 @@
 
 import functools
 import importlib.util
-import warnings
 
 import torch
 from torch._dynamo.backends.registry import lookup_backend
@@ -14,13 +13,6 @@ from fp4compile.passes.recompute import RecomputeTagged
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
-CPP_WRAPPER_ON_CUDA = (
-    "fp4compile: Inductor's C++ wrapper (cpp_wrapper=True) is not supported with the fp4 backend on CUDA: "
-    "with torch 2.11 the fp4 graphs failed to compile with it ('CudaKernelParamCache not populated' for a "
-    "kernel around the gradient quantize). Leave it off; mode='reduce-overhead' takes out the host time "
-    "where CUDA graphs suit the model.")
-
-
 @functools.cache
 def prepare_inductor() -> None:
     """Two additions to Inductor, per process (later compiles with other backends see them too; neither
@@ -59,7 +51,21 @@ def inductor_patches(mode: str | None = None, options: dict | None = None) -> di
         if name not in list_options():
             raise ValueError(f"unknown Inductor option {key!r}: torch._inductor.list_options() lists them")
         patches[name] = value
+    if patches.get("cpp_wrapper"):
+        patches = {**patches, **cpp_wrapper_settings(patches)}
     return patches
+
+
+def cpp_wrapper_settings(patches: dict) -> dict:
+    """The Triton settings the C++ wrapper needs (``store_cubin``, ``autotune_at_compile_time``...), as
+    Inductor derives them under ``patches``. Inductor applies them around the forward's compile only;
+    the backward, compiled at the first backward call, re-enters ``config_patches`` alone, so without them
+    there the C++ wrapper found no compiled kernels ("CudaKernelParamCache not populated", torch 2.11)."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import get_cpp_wrapper_config
+
+    with config.patch(patches):
+        return get_cpp_wrapper_config()
 
 
 def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
@@ -78,9 +84,6 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
         if inner != "inductor" and (mode or options):
             raise ValueError(f"mode and options configure Inductor, which inner={inner!r} does not use")
         patches = inductor_patches(mode, options) if inner == "inductor" else None
-        if patches and patches.get("cpp_wrapper") and any(
-                isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
-            warnings.warn(CPP_WRAPPER_ON_CUDA, stacklevel=2)
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
             prepare_inductor()

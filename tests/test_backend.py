@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -411,21 +410,24 @@ def test_an_operand_several_gemms_read_is_stored_once():
     assert len(first_operands) == 2 and first_operands[0] == first_operands[1], first_operands
 
 
-def test_cpp_wrapper_on_cuda_warns(monkeypatch):
-    """Inductor's C++ wrapper failed to compile the fp4 graphs on CUDA (torch 2.11): asking for it with
-    CUDA inputs warns, naming what to use instead; CPU graphs compile with it as asked."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_cpp_wrapper_settings_reach_the_backward(monkeypatch):
+    """The backward graph compiles at the first backward call, inside ``config_patches`` only: the C++
+    wrapper's Triton settings must be there (without them torch 2.11 failed the backward with
+    "CudaKernelParamCache not populated"), as Inductor derives them, and not asked for where it is off."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import get_cpp_wrapper_config
 
-    monkeypatch.setattr(dynamo_backend, "compile_fx", lambda gm, example_inputs, config_patches: gm.forward)
+    passed = []
+    monkeypatch.setattr(dynamo_backend, "compile_fx",
+                        lambda gm, example_inputs, config_patches: passed.append(config_patches) or gm.forward)
     gm = torch.fx.symbolic_trace(lambda x: x + 1)
-    with FakeTensorMode():
-        cuda = [torch.empty(2, 3, device="cuda")]
-    with pytest.warns(UserWarning, match="mode='reduce-overhead'"):
-        fp4compile.backend()(gm, cuda, options={"cpp_wrapper": True})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        fp4compile.backend()(gm, cuda)
-        fp4compile.backend()(gm, [torch.empty(2, 3)], options={"cpp_wrapper": True})
+    fp4compile.backend()(gm, [torch.empty(2, 3)], options={"cpp_wrapper": True})
+    fp4compile.backend()(gm, [torch.empty(2, 3)])
+    with_wrapper, without = passed
+    with inductor_config.patch(cpp_wrapper=True):
+        settings = get_cpp_wrapper_config()
+    assert with_wrapper["triton.store_cubin"] and settings.items() <= with_wrapper.items()
+    assert not settings.keys() & without.keys()
 
 
 def _llama_step(config):
