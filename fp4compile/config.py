@@ -42,7 +42,9 @@ class FP4Config:
     recompute_activations: quantize (and rotate) each activation operand again in the backward instead
         of keeping its FP8 values for it, from what the backward keeps anyway (an RMSNorm's input and
         statistics, SwiGLU's inputs, attention's output): one byte less per element of every quantized
-        activation at the cost of a second quantize pass in the backward; the numerics are the same.
+        activation at the cost of a second quantize pass in the backward; the same values are quantized
+        (up to an activation function Inductor recomputes in another kernel, or gradients summed in
+        another order: last bits).
         Not with OCC (its quantile selection would run again too) or the unbiased backwards. Inductor's
         partitioner does it: with inner="aot_eager" the FP8 values are kept.
     recompute_weights: likewise for weights: quantized again in the backward from the parameters (DGE
