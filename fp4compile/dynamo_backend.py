@@ -13,6 +13,8 @@ from fp4compile.passes.recompute import RecomputeTagged
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
+
+
 @functools.cache
 def prepare_inductor() -> None:
     """Two additions to Inductor, per process (later compiles with other backends see them too; neither
