@@ -35,16 +35,15 @@ class BlockFormat:
     name: str
     block_size: int  # elements of K per scale
     scale_dtype: torch.dtype  # the kernel reads the scale bytes as uint8 and bitcasts E4M3 ones itself
-    mma_kind: str  # the tcgen05.mma kind sm_100 multiplies it with
 
 
 BLOCK_FORMATS = {
-    "mxfp4": BlockFormat("mxfp4", 32, torch.uint8, "kind::mxf4"),
-    "nvfp4": BlockFormat("nvfp4", 16, torch.float8_e4m3fn, "kind::mxf4nvf4"),
+    "mxfp4": BlockFormat("mxfp4", 32, torch.uint8),
+    "nvfp4": BlockFormat("nvfp4", 16, torch.float8_e4m3fn),
 }
 # "vector" in the GEMM kernel: MXFP4's MMA with unit block scales (made in the kernel, so block_size is the
 # MMA's 32 and not a constraint on K), and FP32 per-row scales of A and B.
-VECTOR = BlockFormat("vector", 32, torch.float32, "kind::mxf4")
+VECTOR = BlockFormat("vector", 32, torch.float32)
 
 
 def block_format(format: str) -> BlockFormat:
