@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import rewritten
 
 import fp4compile
@@ -162,6 +163,32 @@ def test_unsupported_sites_keep_the_original_op_with_a_reason():
     assert "1-D operand" in reasons[1]
     assert "torch.int64 operands" in reasons[2]
     assert "fp4compile" not in code
+
+
+def test_every_other_matmul_like_op_is_a_site_skipped_with_its_reason():
+    """Matmul-like ops the pass does not rewrite are sites skipped with a reason naming what to write
+    instead, never left out of the report (conftest.assert_complete counts them apart);
+    torch.linalg.matmul is rewritten as matmul."""
+    from fp4compile.passes.find_sites import NOT_REWRITTEN
+
+    w = nn.Parameter(torch.randn(8, 16))
+
+    def fn(x, v, q, b3):
+        m = w.detach()
+        return (torch.mv(m, v), m.mv(v), torch.addmv(v[:8], m, v), torch.dot(v, v), v.dot(v),
+                torch.linalg.vecdot(x, x), torch.inner(x, m), x.inner(m), torch.outer(v, v),
+                torch.addr(v[:, None] * v, v, v), torch.tensordot(x, m, dims=([1], [1])),
+                torch.linalg.multi_dot([x, m.T, m]), F.bilinear(x, x, b3),
+                torch.addbmm(x[:2, :8], x.view(2, 2, 16), torch.stack([m.T, m.T])),
+                F.scaled_dot_product_attention(q, q, q), torch.linalg.matmul(x, w.T))
+
+    report, code = rewritten(fn, torch.randn(4, 16), torch.randn(16), torch.randn(1, 2, 4, 16), torch.randn(3, 16, 16))
+    ops = ["mv", "mv", "addmv", "dot", "dot", "dot", "inner", "inner", "outer", "addr", "tensordot", "multi_dot",
+           "bilinear", "addbmm", "scaled_dot_product_attention"]
+    sites = report["sites"]
+    assert [s["op"] for s in sites] == [*ops, "matmul"]
+    assert [(s["status"], s["reason"]) for s in sites[:-1]] == [("skipped", NOT_REWRITTEN[op]) for op in ops]
+    assert sites[-1]["status"] == "fp4" and "fp4compile" in code
 
 
 def test_rotation_takes_the_largest_group_dividing_each_reduction_dim():

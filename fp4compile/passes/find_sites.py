@@ -18,6 +18,7 @@ FUNCTION_OPS = {
     torch._C._nn.linear: "linear",
     torch.nn.functional.linear: "linear",
     torch.matmul: "matmul",
+    torch.linalg.matmul: "matmul",
     operator.matmul: "matmul",
     torch.Tensor.matmul: "matmul",
     torch.mm: "mm",
@@ -32,13 +33,50 @@ FUNCTION_OPS = {
     torch.functional.einsum: "einsum",
     torch._grouped_mm: "grouped_mm",
     torch.nn.functional.grouped_mm: "grouped_mm",
+    # found to be reported, not rewritten (NOT_REWRITTEN)
+    torch.mv: "mv",
+    torch.addmv: "addmv",
+    torch.dot: "dot",
+    torch.vdot: "dot",
+    torch.linalg.vecdot: "dot",
+    torch.inner: "inner",
+    torch.outer: "outer",
+    torch.ger: "outer",
+    torch.addr: "addr",
+    torch.tensordot: "tensordot",
+    torch.functional.tensordot: "tensordot",
+    torch.linalg.multi_dot: "multi_dot",
+    torch.chain_matmul: "multi_dot",
+    torch.functional.chain_matmul: "multi_dot",
+    torch.bilinear: "bilinear",
+    torch.nn.functional.bilinear: "bilinear",
+    torch.addbmm: "addbmm",
+    torch.nn.functional.scaled_dot_product_attention: "scaled_dot_product_attention",
 }
 # Operators (OpOverload or OpOverloadPacket targets) by qualified name: transformers' MoE experts call its
 # own grouped GEMM (same arguments as torch._grouped_mm) for weights that are not BF16 under torch.compile.
 OPERATOR_OPS = {"aten::_grouped_mm": "grouped_mm", "transformers::grouped_mm_fallback": "grouped_mm"}
-METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm"}
+METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm",
+              "mv": "mv", "addmv": "addmv", "dot": "dot", "vdot": "dot", "inner": "inner", "outer": "outer",
+              "ger": "outer", "addr": "addr", "addbmm": "addbmm"}
+# Matmul-like ops the pass finds but does not rewrite, and why: each is reported as skipped, so that none
+# runs in high precision unseen.
+NOT_REWRITTEN = {
+    "mv": "matrix-vector product (torch.mv): not rewritten; write it as x[None] @ W.T to quantize it",
+    "addmv": "matrix-vector product (torch.addmv): not rewritten; write it as b + x[None] @ W.T to quantize it",
+    "dot": "vector dot product: not rewritten",
+    "inner": "torch.inner: not rewritten; write it as a @ b.mT to quantize it",
+    "outer": "outer product: no reduction dim, nothing to quantize",
+    "addr": "outer product (torch.addr): no reduction dim, nothing to quantize",
+    "tensordot": "torch.tensordot: not rewritten; write it as einsum or @ to quantize it",
+    "multi_dot": "matmul chain (linalg.multi_dot, chain_matmul): not rewritten; write it as a chain of @ to quantize each product",
+    "bilinear": "bilinear form (three operands): not rewritten",
+    "addbmm": "torch.addbmm (batched products summed over the batch): not rewritten; write it as bmm(...).sum(0) to quantize it",
+    "scaled_dot_product_attention": "fused attention (scaled_dot_product_attention): its matmuls stay in high precision",
+}
 # Positions of (A, B) in each op's arguments.
-OPERAND_POSITIONS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2)}
+OPERAND_POSITIONS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2), "addmv": (1, 2),
+                     "addr": (1, 2), "addbmm": (1, 2)}
 
 
 @dataclass
@@ -139,6 +177,8 @@ def find_sites(graph: fx.Graph, subgraph: str | None = None) -> list[Site]:
         module, resolved, root = module_of(node)
         site = Site(node, op, module=module, module_resolved=resolved, root=root, subgraph=subgraph)
         sites.append(site)
+        if op in NOT_REWRITTEN:
+            site.skip(NOT_REWRITTEN[op])
         try:
             if op == "einsum":
                 parse_einsum(node.args[0])
