@@ -52,13 +52,15 @@ FUNCTION_OPS = {
     torch.nn.functional.bilinear: "bilinear",
     torch.addbmm: "addbmm",
     torch.nn.functional.scaled_dot_product_attention: "scaled_dot_product_attention",
+    torch.nn.functional.multi_head_attention_forward: "multi_head_attention",
 }
 # Operators (OpOverload or OpOverloadPacket targets) by qualified name: transformers' MoE experts call its
 # own grouped GEMM (same arguments as torch._grouped_mm) for weights that are not BF16 under torch.compile.
 OPERATOR_OPS = {"aten::_grouped_mm": "grouped_mm", "transformers::grouped_mm_fallback": "grouped_mm"}
+_IN_PLACE = ("addmm_", "baddbmm_", "addbmm_", "addmv_", "addr_")
 METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm",
               "mv": "mv", "addmv": "addmv", "dot": "dot", "vdot": "dot", "inner": "inner", "outer": "outer",
-              "ger": "outer", "addr": "addr", "addbmm": "addbmm"}
+              "ger": "outer", "addr": "addr", "addbmm": "addbmm", **{name: name for name in _IN_PLACE}}
 # Matmul-like ops the pass finds but does not rewrite, and why: each is reported as skipped, so that none
 # runs in high precision unseen.
 NOT_REWRITTEN = {
@@ -73,10 +75,13 @@ NOT_REWRITTEN = {
     "bilinear": "bilinear form (three operands): not rewritten",
     "addbmm": "torch.addbmm (batched products summed over the batch): not rewritten; write it as bmm(...).sum(0) to quantize it",
     "scaled_dot_product_attention": "fused attention (scaled_dot_product_attention): its matmuls stay in high precision",
-}
+    "multi_head_attention": "nn.MultiheadAttention (F.multi_head_attention_forward, one op in Dynamo's graph): its "
+                            "projections stay in high precision; an attention of nn.Linear layers and "
+                            "F.scaled_dot_product_attention has its projections quantized",
+} | {name: f"in-place {name}: not rewritten; write it as torch.{name[:-1]} to quantize it" for name in _IN_PLACE}
 # Positions of (A, B) in each op's arguments.
 OPERAND_POSITIONS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2), "addmv": (1, 2),
-                     "addr": (1, 2), "addbmm": (1, 2)}
+                     "addr": (1, 2), "addbmm": (1, 2), **{name: (1, 2) for name in _IN_PLACE}}
 
 
 @dataclass
