@@ -172,7 +172,6 @@ def test_every_other_matmul_like_op_is_a_site_skipped_with_its_reason():
     from fp4compile.passes.find_sites import NOT_REWRITTEN
 
     w = nn.Parameter(torch.randn(8, 16))
-    mha = nn.MultiheadAttention(16, 2, batch_first=True)
 
     def fn(x, v, q, b3):
         m = w.detach()
@@ -182,15 +181,64 @@ def test_every_other_matmul_like_op_is_a_site_skipped_with_its_reason():
                 torch.linalg.multi_dot([x, m.T, m]), F.bilinear(x, x, b3),
                 torch.addbmm(x[:2, :8], x.view(2, 2, 16), torch.stack([m.T, m.T])),
                 torch.zeros(4, 8).addmm_(x, m.T), F.scaled_dot_product_attention(q, q, q),
-                mha(x[None], x[None], x[None], need_weights=False)[0], torch.linalg.matmul(x, w.T))
+                torch.linalg.matmul(x, w.T))
 
     report, code = rewritten(fn, torch.randn(4, 16), torch.randn(16), torch.randn(1, 2, 4, 16), torch.randn(3, 16, 16))
     ops = ["mv", "mv", "addmv", "dot", "dot", "dot", "inner", "inner", "outer", "addr", "tensordot", "multi_dot",
-           "bilinear", "addbmm", "addmm_", "scaled_dot_product_attention", "multi_head_attention"]
+           "bilinear", "addbmm", "addmm_", "scaled_dot_product_attention"]
     sites = report["sites"]
     assert [s["op"] for s in sites] == [*ops, "matmul"]
     assert [(s["status"], s["reason"]) for s in sites[:-1]] == [("skipped", NOT_REWRITTEN[op]) for op in ops]
     assert sites[-1]["status"] == "fp4" and "fp4compile" in code
+
+
+@pytest.mark.parametrize("kdim, rotation", [(None, 32), (48, 16)])
+def test_multihead_attention_projections_are_quantized(kdim, rotation, monkeypatch):
+    """nn.MultiheadAttention is one op in Dynamo's graph: its site's twin runs torch's implementation with
+    each projection (packed or separate q/k/v, and the output's) through the FP4 linear twin, so the
+    compiled module computes what that twin computes eagerly, outputs and gradients bit for bit. One
+    rotation group serves every projection: the largest dividing each K (32 and 48: 16)."""
+    from fp4compile.runtime import ops
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 2, batch_first=True, kdim=kdim, vdim=kdim)
+    x, kv = torch.randn(2, 16, 32), torch.randn(2, 16, kdim or 32)
+    config = FP4Config.from_recipe_name("rotated", rotation=32)
+    report, _ = rewritten(mha, x, kv, kv, config=config)
+    (site,) = report["sites"]
+    assert (site["op"], site["status"], site["weights"]) == ("multi_head_attention", "fp4", [None, "out_proj.weight"])
+    assert site["rotation"] == rotation
+
+    calls = []
+    linear = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda spec, *args: calls.append(args[1].shape) or linear(spec, *args))
+    compiled = torch.compile(mha, backend=fp4compile.backend(config, inner="aot_eager"))
+    y = compiled(x, kv, kv)[0]
+    y.square().sum().backward()
+    got = [y, *(p.grad for p in mha.parameters())]
+    # per trace of the forward: q's and the packed k/v's projections (k is v) or the separate q, k and v
+    # projections, then the output's
+    one = [(32, 32), (64, 32)] if kdim is None else [(32, 32), (32, kdim), (32, kdim)]
+    assert calls and [tuple(c) for c in calls] == [*one, (32, 32)] * (len(calls) // (len(one) + 1))
+    spec = MatmulSpec(config.replace(rotation=rotation), b_is_weight=True, name="")
+    mha.zero_grad()
+    y = ops.multi_head_attention(spec, x.transpose(0, 1), kv.transpose(0, 1), kv.transpose(0, 1), 32, 2,
+                                 mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0, mha.out_proj.weight,
+                                 mha.out_proj.bias, use_separate_proj_weight=kdim is not None,
+                                 q_proj_weight=mha.q_proj_weight, k_proj_weight=mha.k_proj_weight,
+                                 v_proj_weight=mha.v_proj_weight)[0].transpose(0, 1)
+    y.square().sum().backward()
+    want = [y, *(p.grad for p in mha.parameters())]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(y, mha(x, kv, kv)[0])  # quantized
+
+
+def test_multihead_attention_with_no_common_rotation_group_stays_in_high_precision():
+    mha = nn.MultiheadAttention(32, 2, batch_first=True, kdim=12, vdim=12)
+    x, kv = torch.randn(2, 16, 32), torch.randn(2, 16, 12)
+    report, _ = rewritten(mha, x, kv, kv, config=FP4Config.from_recipe_name("rotated"))
+    (site,) = report["sites"]
+    assert site["status"] == "skipped" and "reduction dim of size 4 is not a multiple of 16" in site["reason"]
 
 
 def test_rotation_takes_the_largest_group_dividing_each_reduction_dim():

@@ -171,6 +171,21 @@ node  op     module  shapes                 weight  status  gemm      reason
 x     addmm  c_fc    [16, 32] x [32, 128]   B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
 x_1   addmm  c_proj  [16, 128] x [128, 32]  B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
 
+    def test_multihead_attention(self):
+        """nn.MultiheadAttention: one site, the op keeps its arguments; its twin quantizes the projections."""
+        report, code = rewritten(nn.MultiheadAttention(32, 2, batch_first=True), *[torch.randn(2, 8, 32)] * 3)
+        self.assertExpectedInline(code, """\
+query = l_args_0_.transpose(1, 0)
+multi_head_attention_forward = fp4compile_fp4_multi_head_attention(query, query, query, 32, 2, l_fn_parameters_in_proj_weight_, l_fn_parameters_in_proj_bias_, None, None, False, 0.0, l_fn_modules_out_proj_parameters_weight_, l_fn_modules_out_proj_parameters_bias_, training = True, key_padding_mask = None, need_weights = True, attn_mask = None, average_attn_weights = True, is_causal = False)
+attn_output = multi_head_attention_forward[0]
+attn_output_weights = multi_head_attention_forward[1]
+attn_output_1 = attn_output.transpose(1, 0)
+return (attn_output_1, attn_output_weights)""")
+        self.assertExpectedInline(summary_table(report), """\
+fp4compile graph_0_0: 1 fp4, 0 skipped
+node                          op                    module  shapes                 weight  status  gemm      reason
+multi_head_attention_forward  multi_head_attention  None    [8, 2, 32] x [32, 32]  B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
+
     def test_block_format_skips_indivisible_reduction(self):
         model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 16))
         report, _ = rewritten(model, torch.randn(2, 48), config=FP4Config.from_recipe_name("paper", format="mxfp4"))

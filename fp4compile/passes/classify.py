@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import names
-from fp4compile.passes.find_sites import Site, clean_fqn, example, hint
+from fp4compile.passes.find_sites import WEIGHT_NK, Site, clean_fqn, example, hint
 from fp4compile.runtime import unbiased
 from fp4compile.runtime.formats import get_format
 from fp4compile.runtime.hadamard import GROUP_SIZES, group_for
@@ -133,7 +133,7 @@ def _skip_reason(site: Site, config: FP4Config) -> str | None:
     for t in (a, b):
         if not t.is_floating_point() or t.element_size() < 2:
             return f"{t.dtype} operands (only float16, bfloat16, float32 and float64 are quantized)"
-    if site.op != "linear" and (a.dim() < 2 or b.dim() < 2):
+    if site.op not in WEIGHT_NK and (a.dim() < 2 or b.dim() < 2):
         return "a 1-D operand (matrix-vector product)"
     if site.op == "grouped_mm":
         reason = _grouped_reason(site, config)
@@ -178,7 +178,7 @@ def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
         if site.status != "fp4" or site.op == "einsum":  # einsum's dims: the runtime check names them
             continue
         a, b = (example(n) for n in site.operands)
-        n = b.shape[0] if site.op == "linear" else b.shape[-1]
+        n = b.shape[0] if site.op in WEIGHT_NK else b.shape[-1]
         m = a.shape[-2] if b.dim() > 2 else a.numel() // max(hint(a.shape[-1]), 1)
         problems += unbiased.dim_problems(
             config, site.module, hint(m), hint(n), hint(a.shape[-1]), tiled=site.weights[1] is not None

@@ -4,6 +4,7 @@ A site is one matmul node with its two multiplied operands (A, B) named in the o
 ``runtime/ops.py``, the module it was called from, and the size of its reduction dim.
 """
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ FUNCTION_OPS = {
     torch.nn.functional.bilinear: "bilinear",
     torch.addbmm: "addbmm",
     torch.nn.functional.scaled_dot_product_attention: "scaled_dot_product_attention",
+    torch._native_multi_head_attention: "native_multi_head_attention",
+    # nn.MultiheadAttention's forward, one op in Dynamo's graph (an in-graph function): its projections
+    # are rewritten inside it (runtime/ops.py)
     torch.nn.functional.multi_head_attention_forward: "multi_head_attention",
 }
 # Operators (OpOverload or OpOverloadPacket targets) by qualified name: transformers' MoE experts call its
@@ -75,12 +79,13 @@ NOT_REWRITTEN = {
     "bilinear": "bilinear form (three operands): not rewritten",
     "addbmm": "torch.addbmm (batched products summed over the batch): not rewritten; write it as bmm(...).sum(0) to quantize it",
     "scaled_dot_product_attention": "fused attention (scaled_dot_product_attention): its matmuls stay in high precision",
-    "multi_head_attention": "nn.MultiheadAttention (F.multi_head_attention_forward, one op in Dynamo's graph): its "
-                            "projections stay in high precision; an attention of nn.Linear layers and "
-                            "F.scaled_dot_product_attention has its projections quantized",
+    "native_multi_head_attention": "nn.MultiheadAttention's inference fast path (no autograd): not rewritten",
 } | {name: f"in-place {name}: not rewritten; write it as torch.{name[:-1]} to quantize it" for name in _IN_PLACE}
+# Ops whose B operand is a weight [N, K] (multi_head_attention: the output projection's; its input
+# projections have the same K).
+WEIGHT_NK = ("linear", "multi_head_attention")
 # Positions of (A, B) in each op's arguments.
-OPERAND_POSITIONS = {"linear": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2), "addmv": (1, 2),
+OPERAND_POSITIONS = {"linear": (0, 1), "multi_head_attention": (0, 11), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2), "addmv": (1, 2),
                      "addr": (1, 2), "addbmm": (1, 2), **{name: (1, 2) for name in _IN_PLACE}}
 
 
@@ -170,6 +175,9 @@ def _reduction(site: Site):
         for c in contracted:
             size = size * a.shape[terms.index(c)]
         return size
+    if site.op == "multi_head_attention":  # a rotation group or block must divide every projection's K
+        kv = (example(site.node.kwargs.get(name)) for name in ("k_proj_weight", "v_proj_weight"))
+        return math.gcd(hint(a.shape[-1]), *(hint(t.shape[-1]) for t in kv if t is not None))
     return a.shape[-1] if a.dim() else None
 
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch._logging import trace_structured
 
 from fp4compile.config import FP4Config
-from fp4compile.passes.find_sites import Site, example, hint
+from fp4compile.passes.find_sites import WEIGHT_NK, Site, example, hint
 from fp4compile.passes.names import root_label
 from fp4compile.runtime import gemm, hopper
 from fp4compile.runtime.ops import parse_einsum
@@ -64,7 +64,7 @@ def gemm_shapes(site: Site, a: torch.Tensor, b: torch.Tensor) -> tuple[tuple, tu
         lead, k = tuple(hint(size[c]) for c in batch), _prod(size[c] for c in contracted)
         return (*lead, _prod(size[c] for c in a_free), k), (*lead, _prod(size[c] for c in b_free), k)
     k = hint(a.shape[-1])
-    n = b.shape[0] if site.op == "linear" else b.shape[-1]
+    n = b.shape[0] if site.op in WEIGHT_NK else b.shape[-1]
     if b.dim() == 2:  # linear, or a weight-like right operand: A's leading dims flattened into M
         return (_prod(a.shape) // max(k, 1), k), (hint(n), k)
     return tuple(hint(s) for s in a.shape), (*(hint(s) for s in b.shape[:-2]), hint(n), k)

@@ -4,6 +4,11 @@ The graph pass replaces a matmul node by a call of its twin with the node's own 
 graph reads like the original. Each twin brings its operands to the A [..., M, K] @ B[..., N, K]^T form.
 """
 
+import contextlib
+import functools
+
+import torch.nn.functional as F
+
 from fp4compile.runtime.grouped import fp4_grouped_mm
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 
@@ -40,6 +45,27 @@ def baddbmm(spec: MatmulSpec, input, batch1, batch2, *, beta=1, alpha=1):
 def grouped_mm(spec: MatmulSpec, a, b, offs=None, bias=None, out_dtype=None):
     # The pass only rewrites a 2-D a, a 3-D weight b, given offs and no bias; out_dtype is in spec.out_dtype.
     return fp4_grouped_mm(a, b.mT, offs, spec)
+
+
+def multi_head_attention(spec: MatmulSpec, *args, **kwargs):
+    """``F.multi_head_attention_forward`` (nn.MultiheadAttention) with its projections as FP4 linears:
+    torch's own implementation, run with the module-level ``linear`` its projections call pointed at the
+    twin. Every linear it calls is a projection of the input (packed or separate q/k/v weights) or of the
+    attention's output; its attention products (bmm or scaled_dot_product_attention) stay as they are.
+    The pointer is set for the duration of the call only, which runs while AOTAutograd traces the graph
+    (the compiled code holds the twin's operations, not this call)."""
+    with _linear_as(functools.partial(linear, spec)):
+        return F.multi_head_attention_forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _linear_as(twin):
+    original = F.linear
+    F.linear = twin
+    try:
+        yield
+    finally:
+        F.linear = original
 
 
 def parse_einsum(equation: str):
@@ -102,6 +128,7 @@ TWINS = {
     "baddbmm": baddbmm,
     "einsum": einsum,
     "grouped_mm": grouped_mm,
+    "multi_head_attention": multi_head_attention,
 }
 
 
