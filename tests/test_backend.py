@@ -172,6 +172,7 @@ def test_every_other_matmul_like_op_is_a_site_skipped_with_its_reason():
     from fp4compile.passes.find_sites import NOT_REWRITTEN
 
     w = nn.Parameter(torch.randn(8, 16))
+    cell = nn.LSTMCell(16, 8)
 
     def fn(x, v, q, b3):
         m = w.detach()
@@ -180,12 +181,12 @@ def test_every_other_matmul_like_op_is_a_site_skipped_with_its_reason():
                 torch.addr(v[:, None] * v, v, v), torch.tensordot(x, m, dims=([1], [1])),
                 torch.linalg.multi_dot([x, m.T, m]), F.bilinear(x, x, b3),
                 torch.addbmm(x[:2, :8], x.view(2, 2, 16), torch.stack([m.T, m.T])),
-                torch.zeros(4, 8).addmm_(x, m.T), F.scaled_dot_product_attention(q, q, q),
+                torch.zeros(4, 8).addmm_(x, m.T), F.scaled_dot_product_attention(q, q, q), cell(x)[0],
                 torch.linalg.matmul(x, w.T))
 
     report, code = rewritten(fn, torch.randn(4, 16), torch.randn(16), torch.randn(1, 2, 4, 16), torch.randn(3, 16, 16))
     ops = ["mv", "mv", "addmv", "dot", "dot", "dot", "inner", "inner", "outer", "addr", "tensordot", "multi_dot",
-           "bilinear", "addbmm", "addmm_", "scaled_dot_product_attention"]
+           "bilinear", "addbmm", "addmm_", "scaled_dot_product_attention", "recurrent"]
     sites = report["sites"]
     assert [s["op"] for s in sites] == [*ops, "matmul"]
     assert [(s["status"], s["reason"]) for s in sites[:-1]] == [("skipped", NOT_REWRITTEN[op]) for op in ops]

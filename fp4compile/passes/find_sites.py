@@ -54,6 +54,8 @@ FUNCTION_OPS = {
     torch.addbmm: "addbmm",
     torch.nn.functional.scaled_dot_product_attention: "scaled_dot_product_attention",
     torch._native_multi_head_attention: "native_multi_head_attention",
+    **{f: "recurrent" for f in (torch.lstm_cell, torch.gru_cell, torch.rnn_tanh_cell, torch.rnn_relu_cell,
+                                torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
     # nn.MultiheadAttention's forward, one op in Dynamo's graph (an in-graph function): its projections
     # are rewritten inside it (runtime/ops.py)
     torch.nn.functional.multi_head_attention_forward: "multi_head_attention",
@@ -80,6 +82,7 @@ NOT_REWRITTEN = {
     "addbmm": "torch.addbmm (batched products summed over the batch): not rewritten; write it as bmm(...).sum(0) to quantize it",
     "scaled_dot_product_attention": "fused attention (scaled_dot_product_attention): its matmuls stay in high precision",
     "native_multi_head_attention": "nn.MultiheadAttention's inference fast path (no autograd): not rewritten",
+    "recurrent": "recurrent layer or cell (nn.LSTM, GRU, RNN and their cells: one op): its matmuls stay in high precision",
 } | {name: f"in-place {name}: not rewritten; write it as torch.{name[:-1]} to quantize it" for name in _IN_PLACE}
 # Ops whose B operand is a weight [N, K] (multi_head_attention: the output projection's; its input
 # projections have the same K).
