@@ -34,6 +34,9 @@ FUNCTION_OPS = {
     torch.functional.einsum: "einsum",
     torch._grouped_mm: "grouped_mm",
     torch.nn.functional.grouped_mm: "grouped_mm",
+    # nn.MultiheadAttention's forward, one op in Dynamo's graph (an in-graph function): its projections
+    # are rewritten inside it (runtime/ops.py)
+    torch.nn.functional.multi_head_attention_forward: "multi_head_attention",
     # found to be reported, not rewritten (NOT_REWRITTEN)
     torch.mv: "mv",
     torch.addmv: "addmv",
@@ -56,9 +59,6 @@ FUNCTION_OPS = {
     torch._native_multi_head_attention: "native_multi_head_attention",
     **{f: "recurrent" for f in (torch.lstm_cell, torch.gru_cell, torch.rnn_tanh_cell, torch.rnn_relu_cell,
                                 torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
-    # nn.MultiheadAttention's forward, one op in Dynamo's graph (an in-graph function): its projections
-    # are rewritten inside it (runtime/ops.py)
-    torch.nn.functional.multi_head_attention_forward: "multi_head_attention",
 }
 # Operators (OpOverload or OpOverloadPacket targets) by qualified name: transformers' MoE experts call its
 # own grouped GEMM (same arguments as torch._grouped_mm) for weights that are not BF16 under torch.compile.
@@ -84,12 +84,13 @@ NOT_REWRITTEN = {
     "native_multi_head_attention": "nn.MultiheadAttention's inference fast path (no autograd): not rewritten",
     "recurrent": "recurrent layer or cell (nn.LSTM, GRU, RNN and their cells: one op): its matmuls stay in high precision",
 } | {name: f"in-place {name}: not rewritten; write it as torch.{name[:-1]} to quantize it" for name in _IN_PLACE}
-# Ops whose B operand is a weight [N, K] (multi_head_attention: the output projection's; its input
-# projections have the same K).
+# Ops whose B operand is a weight [N, K] (multi_head_attention: the output projection's; the input
+# projections' K enter its reduction, _reduction).
 WEIGHT_NK = ("linear", "multi_head_attention")
 # Positions of (A, B) in each op's arguments.
-OPERAND_POSITIONS = {"linear": (0, 1), "multi_head_attention": (0, 11), "addmm": (1, 2), "baddbmm": (1, 2), "einsum": (1, 2), "addmv": (1, 2),
-                     "addr": (1, 2), "addbmm": (1, 2), **{name: (1, 2) for name in _IN_PLACE}}
+OPERAND_POSITIONS = {"linear": (0, 1), "multi_head_attention": (0, 11), "addmm": (1, 2), "baddbmm": (1, 2),
+                     "einsum": (1, 2), "addmv": (1, 2), "addr": (1, 2), "addbmm": (1, 2),
+                     **{name: (1, 2) for name in _IN_PLACE}}
 
 
 @dataclass
