@@ -64,8 +64,11 @@ def cpp_wrapper_settings(patches: dict) -> dict:
     the backward, compiled at the first backward call, re-enters ``config_patches`` alone, so without them
     there the C++ wrapper found no compiled kernels ("CudaKernelParamCache not populated", torch 2.11)."""
     from torch._inductor import config
-    from torch._inductor.compile_fx import get_cpp_wrapper_config
 
+    try:
+        from torch._inductor.compile_fx import get_cpp_wrapper_config
+    except ImportError:  # a torch without it: Inductor's own handling, as for backend="inductor"
+        return {}
     with config.patch(patches):
         return get_cpp_wrapper_config()
 
