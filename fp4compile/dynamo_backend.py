@@ -2,6 +2,7 @@
 
 import functools
 import importlib.util
+import os
 
 import torch
 from torch._dynamo.backends.registry import lookup_backend
@@ -42,9 +43,17 @@ def prepare_inductor() -> None:
     add_needs_realized_inputs(ops)
 
 
-def inductor_patches(mode: str | None = None, options: dict | None = None) -> dict:
+def on_cuda(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def inductor_patches(mode: str | None = None, options: dict | None = None, cuda: bool = False) -> dict:
     """Inductor settings for torch.compile's ``mode`` and ``options``, as backend="inductor" reads them: the
-    mode's (``torch._inductor.list_mode_options``), then each option (``torch._inductor.list_options``)."""
+    mode's (``torch._inductor.list_mode_options``), then each option (``torch._inductor.list_options``).
+    One default differs on CUDA (``cuda``): the C++ wrapper is on, unless the options or the process
+    (``TORCHINDUCTOR_CPP_WRAPPER``) say otherwise or CUDA graphs are asked for (Inductor runs the C++
+    wrapper without them): the FP4 graphs launch about twice BF16's kernels and extern calls, and
+    from generated Python that host time bounds small batches."""
     from torch._inductor import list_mode_options, list_options
 
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
@@ -53,6 +62,9 @@ def inductor_patches(mode: str | None = None, options: dict | None = None) -> di
         if name not in list_options():
             raise ValueError(f"unknown Inductor option {key!r}: torch._inductor.list_options() lists them")
         patches[name] = value
+    if cuda and "cpp_wrapper" not in patches and "TORCHINDUCTOR_CPP_WRAPPER" not in os.environ and not patches.get(
+            "triton.cudagraphs", torch._inductor.config.triton.cudagraphs):
+        patches["cpp_wrapper"] = True
     if patches.get("cpp_wrapper"):
         patches = {**patches, **cpp_wrapper_settings(patches)}
     return patches
@@ -79,7 +91,8 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
 
     ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with Inductor's default
     settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor",
-    except ``emulate_precision_casts``, on by default: generated kernels round where eager code does), or
+    except ``emulate_precision_casts``, on by default: generated kernels round where eager code does,
+    and on CUDA the C++ wrapper, on unless CUDA graphs are asked for), or
     "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for debugging)."""
     config = config or FP4Config()
     if inner not in INNER_COMPILERS:
@@ -88,7 +101,7 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
     def fp4_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
         if inner != "inductor" and (mode or options):
             raise ValueError(f"mode and options configure Inductor, which inner={inner!r} does not use")
-        patches = inductor_patches(mode, options) if inner == "inductor" else None
+        patches = inductor_patches(mode, options, cuda=on_cuda(example_inputs)) if inner == "inductor" else None
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
             prepare_inductor()

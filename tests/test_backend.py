@@ -491,21 +491,34 @@ def test_an_operand_several_gemms_read_is_stored_once():
 def test_cpp_wrapper_settings_reach_the_backward(monkeypatch):
     """The backward graph compiles at the first backward call, inside ``config_patches`` only: the C++
     wrapper's Triton settings must be there (without them torch 2.11 failed the backward with
-    "CudaKernelParamCache not populated"), as Inductor derives them, and not asked for where it is off."""
+    "CudaKernelParamCache not populated"), as Inductor derives them. On CUDA the wrapper is on unless the
+    options, the process or CUDA graphs say otherwise; on the CPU it is off unless asked for."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import get_cpp_wrapper_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     passed = []
     monkeypatch.setattr(dynamo_backend, "compile_fx",
                         lambda gm, example_inputs, config_patches: passed.append(config_patches) or gm.forward)
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
     gm = torch.fx.symbolic_trace(lambda x: x + 1)
-    fp4compile.backend()(gm, [torch.empty(2, 3)], options={"cpp_wrapper": True})
-    fp4compile.backend()(gm, [torch.empty(2, 3)])
-    with_wrapper, without = passed
+    cpu = [torch.empty(2, 3)]
+    with FakeTensorMode():
+        cuda = [torch.empty(2, 3, device="cuda")]
+
+    def wrapper(inputs, **kwargs):
+        fp4compile.backend()(gm, inputs, **kwargs)
+        return passed[-1].get("cpp_wrapper", False)
+
+    assert wrapper(cuda) and wrapper(cpu, options={"cpp_wrapper": True})
     with inductor_config.patch(cpp_wrapper=True):
         settings = get_cpp_wrapper_config()
-    assert with_wrapper["triton.store_cubin"] and settings.items() <= with_wrapper.items()
-    assert not settings.keys() & without.keys()
+    assert passed[-1]["triton.store_cubin"] and settings.items() <= passed[-1].items()
+    assert not wrapper(cpu) and not settings.keys() & passed[-1].keys()
+    assert not wrapper(cuda, options={"cpp_wrapper": False})
+    assert not wrapper(cuda, mode="reduce-overhead") and passed[-1]["triton.cudagraphs"]
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "0")
+    assert not wrapper(cuda)
 
 
 def _llama_step(config):
