@@ -3,6 +3,7 @@
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 from torch._dynamo.backends.registry import lookup_backend
@@ -85,6 +86,29 @@ def cpp_wrapper_settings(patches: dict) -> dict:
         return get_cpp_wrapper_config()
 
 
+_WARNED_BREAKS = set()
+
+
+def warn_checkpoint_breaks() -> None:
+    """Warn, once per reason, of a graph break Dynamo took inside an activation-checkpointed region (or
+    another higher-order op: its reasons start with "HOP:"): the region then runs eagerly, in high
+    precision, and no graph the backend sees (so no report) has its matmuls. Dynamo counts its
+    graph-break reasons before it compiles the graph that ends at the break."""
+    for reason in torch._dynamo.utils.counters["graph_break"]:
+        if not (reason.startswith("HOP:") or "checkpoint" in reason.lower()) or reason in _WARNED_BREAKS:
+            continue
+        _WARNED_BREAKS.add(reason)
+        warnings.warn(
+            "fp4compile: Dynamo broke the graph inside an activation-checkpointed region (or another "
+            "higher-order op), which therefore runs eagerly in high precision and is in no fp4 report. "
+            "Dynamo's reason: "
+            f"{reason.splitlines()[0]!r}. For a side effect that the region undoes before it returns (as "
+            "transformers' attention code does with a context variable), set "
+            "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before compiling; "
+            "otherwise remove the side effect or the checkpointing (docs/usage.md, \"Activation "
+            "checkpointing\"). TORCH_LOGS=graph_breaks shows where.", stacklevel=2)
+
+
 def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
     """A torch.compile backend that quantizes matmuls as ``config`` says (default: FP4Config(), the
     rotated recipe).
@@ -102,6 +126,7 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
         if inner != "inductor" and (mode or options):
             raise ValueError(f"mode and options configure Inductor, which inner={inner!r} does not use")
         patches = inductor_patches(mode, options, cuda=on_cuda(example_inputs)) if inner == "inductor" else None
+        warn_checkpoint_breaks()
         fp4_pass(gm, example_inputs, config)
         if inner == "inductor":
             prepare_inductor()

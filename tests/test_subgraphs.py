@@ -267,6 +267,36 @@ def test_llama_gradient_checkpointing(tmp_path, monkeypatch):
         assert torch.equal(g, want[name]), name
 
 
+def test_a_graph_break_inside_a_checkpoint_is_warned_of(monkeypatch):
+    """A side effect inside a checkpointed region makes Dynamo break the graph and run the region eagerly,
+    in high precision, where no report sees it: the backend warns, naming Dynamo's flag."""
+
+    class Block(nn.Module):
+        def __init__(self, side_effect: bool):
+            super().__init__()
+            self.before, self.inner, self.after = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+            self.side_effect, self.calls = side_effect, 0
+
+        def body(self, x):
+            if self.side_effect:
+                self.calls += 1
+            return self.inner(x)
+
+        def forward(self, x):
+            return self.after(checkpoint(self.body, self.before(x), use_reentrant=False))
+
+    monkeypatch.setattr(fp4compile.dynamo_backend, "_WARNED_BREAKS", set())
+    backend = fp4compile.backend(FP4Config(), inner="aot_eager")
+    for side_effect in (False, True):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.compile(Block(side_effect), backend=backend)(torch.randn(4, 32)).sum().backward()
+        warned = [str(w.message) for w in caught if "activation-checkpointed region" in str(w.message)]
+        assert len(warned) == side_effect, warned
+    assert "skip_fwd_side_effects_in_bwd_under_checkpoint = True" in warned[0]
+
+
 def test_nested_compile_region_calls_one_rewritten_subgraph(tmp_path, monkeypatch):
     backend = fp4compile.backend(FP4Config.from_recipe_name("paper"), inner="aot_eager")
     model, plain = _twins(Regions)
