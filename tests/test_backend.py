@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from conftest import rewritten
 
 import fp4compile
@@ -182,15 +183,37 @@ def test_every_other_matmul_like_op_is_a_site_skipped_with_its_reason():
                 torch.linalg.multi_dot([x, m.T, m]), F.bilinear(x, x, b3),
                 torch.addbmm(x[:2, :8], x.view(2, 2, 16), torch.stack([m.T, m.T])),
                 torch.zeros(4, 8).addmm_(x, m.T), F.scaled_dot_product_attention(q, q, q), cell(x)[0],
-                torch.linalg.matmul(x, w.T))
+                flex_attention(q, q, q), torch.cdist(x, m), torch.ops.aten.mv(m, v), torch.linalg.matmul(x, w.T))
 
     report, code = rewritten(fn, torch.randn(4, 16), torch.randn(16), torch.randn(1, 2, 4, 16), torch.randn(3, 16, 16))
     ops = ["mv", "mv", "addmv", "dot", "dot", "dot", "inner", "inner", "outer", "addr", "tensordot", "multi_dot",
-           "bilinear", "addbmm", "addmm_", "scaled_dot_product_attention", "recurrent"]
+           "bilinear", "addbmm", "addmm_", "scaled_dot_product_attention", "recurrent", "flex_attention", "cdist", "mv"]
     sites = report["sites"]
     assert [s["op"] for s in sites] == [*ops, "matmul"]
     assert [(s["status"], s["reason"]) for s in sites[:-1]] == [("skipped", NOT_REWRITTEN[op]) for op in ops]
     assert sites[-1]["status"] == "fp4" and "fp4compile" in code
+
+
+def test_keyword_operands_aten_calls_and_rmatmul_are_rewritten():
+    """The same product written five more ways is found with its weight and rewritten: operands by keyword
+    (moved to their positions), aten's ops called directly, ``__rmatmul__`` (as ``a @ b``). All compute
+    the FP4 linear's bits."""
+    lin = nn.Linear(16, 8, bias=False)
+
+    def fn(x):
+        w = lin.weight
+        return (F.linear(x, w), F.linear(x, weight=w), torch.mm(x, mat2=w.T), torch.ops.aten.mm(x, w.T),
+                torch.ops.aten.linear.default(x, w), w.T.__rmatmul__(x))
+
+    x = torch.randn(4, 16)
+    report, _ = rewritten(fn, x)
+    assert [(s["op"], s["status"], s["weights"][1]) for s in report["sites"]] == [
+        (op, "fp4", "weight") for op in ("linear", "linear", "mm", "mm", "linear", "matmul")]
+    backend = fp4compile.backend(FP4Config.from_recipe_name("rotated", rotation=16), inner="aot_eager")
+    first, *others = torch.compile(fn, backend=backend)(x)
+    assert not torch.equal(first, x @ lin.weight.T)
+    for i, y in enumerate(others):
+        assert torch.equal(y, first), i
 
 
 @pytest.mark.parametrize("kdim, rotation", [(None, 32), (48, 16)])

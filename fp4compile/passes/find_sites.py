@@ -56,15 +56,21 @@ FUNCTION_OPS = {
     torch.nn.functional.bilinear: "bilinear",
     torch.addbmm: "addbmm",
     torch.nn.functional.scaled_dot_product_attention: "scaled_dot_product_attention",
+    torch.ops.higher_order.flex_attention: "flex_attention",
+    torch.cdist: "cdist",
     torch._native_multi_head_attention: "native_multi_head_attention",
     **{f: "recurrent" for f in (torch.lstm_cell, torch.gru_cell, torch.rnn_tanh_cell, torch.rnn_relu_cell,
                                 torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
 }
 # Operators (OpOverload or OpOverloadPacket targets) by qualified name: transformers' MoE experts call its
 # own grouped GEMM (same arguments as torch._grouped_mm) for weights that are not BF16 under torch.compile.
-OPERATOR_OPS = {"aten::_grouped_mm": "grouped_mm", "transformers::grouped_mm_fallback": "grouped_mm"}
+# aten's own ops, called directly, as their torch functions.
+OPERATOR_OPS = {"aten::_grouped_mm": "grouped_mm", "transformers::grouped_mm_fallback": "grouped_mm",
+                **{f"aten::{name}": name for name in ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum",
+                                                     "mv", "addmv", "dot", "addbmm", "cdist")},
+                "aten::scaled_dot_product_attention": "scaled_dot_product_attention"}
 _IN_PLACE = ("addmm_", "baddbmm_", "addbmm_", "addmv_", "addr_")
-METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm",
+METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm",
               "mv": "mv", "addmv": "addmv", "dot": "dot", "vdot": "dot", "inner": "inner", "outer": "outer",
               "ger": "outer", "addr": "addr", "addbmm": "addbmm", **{name: name for name in _IN_PLACE}}
 # Matmul-like ops the pass finds but does not rewrite, and why: each is reported as skipped, so that none
@@ -81,12 +87,18 @@ NOT_REWRITTEN = {
     "bilinear": "bilinear form (three operands): not rewritten",
     "addbmm": "torch.addbmm (batched products summed over the batch): not rewritten; write it as bmm(...).sum(0) to quantize it",
     "scaled_dot_product_attention": "fused attention (scaled_dot_product_attention): its matmuls stay in high precision",
+    "flex_attention": "fused attention (flex_attention): its matmuls stay in high precision",
+    "cdist": "pairwise distances (torch.cdist): its matmul stays in high precision",
     "native_multi_head_attention": "nn.MultiheadAttention's inference fast path (no autograd): not rewritten",
     "recurrent": "recurrent layer or cell (nn.LSTM, GRU, RNN and their cells: one op): its matmuls stay in high precision",
 } | {name: f"in-place {name}: not rewritten; write it as torch.{name[:-1]} to quantize it" for name in _IN_PLACE}
 # Ops whose B operand is a weight [N, K] (multi_head_attention: the output projection's; the input
 # projections' K enter its reduction, _reduction).
 WEIGHT_NK = ("linear", "multi_head_attention")
+# The rewritten ops' arguments in order (torch's names; aten calls the first one "self"): operands
+# passed by keyword are moved to their positions (_positional), where the pass and the twins read them.
+POSITIONAL = {"linear": ("input", "weight", "bias"), "matmul": ("input", "other"), "mm": ("input", "mat2"),
+              "bmm": ("input", "mat2"), "addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2")}
 # Positions of (A, B) in each op's arguments.
 OPERAND_POSITIONS = {"linear": (0, 1), "multi_head_attention": (0, 11), "addmm": (1, 2), "baddbmm": (1, 2),
                      "einsum": (1, 2), "addmv": (1, 2), "addr": (1, 2), "addbmm": (1, 2),
@@ -147,6 +159,25 @@ def op_of(node: fx.Node) -> str | None:
     return None
 
 
+def _positional(node: fx.Node, op: str) -> None:
+    """Rewrite ``node`` into the same call with its operands positional: ``b.__rmatmul__(a)`` as ``a @ b``,
+    keyword operands (``F.linear(x, weight=w)``) moved to their positions."""
+    if node.op == "call_method" and node.target == "__rmatmul__" and len(node.args) == 2 and not node.kwargs:
+        node.op, node.target, node.args = "call_function", operator.matmul, node.args[::-1]
+    names, kwargs = POSITIONAL.get(op), dict(node.kwargs)
+    if names is None or not kwargs:
+        return
+    if "self" in kwargs:
+        kwargs["input"] = kwargs.pop("self")
+    args = list(node.args)
+    for name in names[len(args):]:
+        if name not in kwargs:
+            break
+        args.append(kwargs.pop(name))
+    if "input" not in kwargs:
+        node.args, node.kwargs = tuple(args), kwargs
+
+
 def _operands(node: fx.Node, op: str):
     args = node.args
     if op == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
@@ -196,6 +227,7 @@ def find_sites(graph: fx.Graph, subgraph: str | None = None) -> list[Site]:
         sites.append(site)
         if op in NOT_REWRITTEN:
             site.skip(NOT_REWRITTEN[op])
+        _positional(node, op)
         try:
             if op == "einsum":
                 parse_einsum(node.args[0])
