@@ -30,6 +30,16 @@ def _mixtral(implementation):
     return transformers.MixtralForCausalLM(config)
 
 
+def _deepseek_v3(implementation):
+    # Its router adds a bias to the sigmoid scores before torch.topk; layer 0 dense, layer 1 MoE.
+    config = transformers.DeepseekV3Config(**{**COMMON, "num_hidden_layers": 2}, moe_intermediate_size=32,
+                                           n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
+                                           kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
+                                           qk_nope_head_dim=8, n_group=1, topk_group=1, first_k_dense_replace=1)
+    config._experts_implementation = implementation
+    return transformers.DeepseekV3ForCausalLM(config)
+
+
 def _train(model, tmp_path, monkeypatch, dtype=torch.float32, steps=6):
     """AdamW steps on one fixed batch through the fp4 backend (on aot_eager: Inductor's numerics, and
     minutes less compile time on a CPU; tests/test_grouped.py compiles the grouped op with Inductor):
@@ -65,6 +75,7 @@ def _assert_trains(losses):
     (_qwen3_moe, "batched_mm", torch.float32, "bmm"),  # bmm over w[expert_ids]
     (_mixtral, "grouped_mm", torch.float32, "grouped_mm"),
     (_mixtral, "batched_mm", torch.float32, "bmm"),
+    (_deepseek_v3, "grouped_mm", torch.float32, "grouped_mm"),
 ])
 def test_experts_are_fp4_and_routers_stay_high_precision(build, implementation, dtype, op, tmp_path, monkeypatch):
     model = build(implementation)

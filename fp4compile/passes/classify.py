@@ -19,10 +19,12 @@ from fp4compile.runtime.hadamard import GROUP_SIZES, group_for
 _VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "type"}
 _VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.Tensor.to, torch.Tensor.t}
 _VIEW_ATTRS = {"T", "mT", "data"}
-# Ops between a router's matmul and the torch.topk that picks experts from its output.
+# Ops between a router's matmul and the torch.topk that picks experts from its output (DeepSeek-V3 adds a
+# bias to its scores and masks expert groups before it picks).
 _ROUTER_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, torch.nn.functional.sigmoid,
-                     torch.Tensor.to, torch.Tensor.float}
-_ROUTER_METHODS = {"softmax", "sigmoid", "float", "to", "type", "view", "reshape"}
+                     torch.Tensor.to, torch.Tensor.float, operator.add, operator.sub, operator.mul, torch.add,
+                     torch.sub, torch.mul, torch.masked_fill}
+_ROUTER_METHODS = {"softmax", "sigmoid", "float", "to", "type", "view", "reshape", "add", "sub", "mul", "masked_fill"}
 
 
 def parameters(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, str]:
@@ -93,7 +95,7 @@ def weight_of(node: fx.Node, params: dict[fx.Node, str]) -> str | None:
 
 def is_router(node: fx.Node) -> bool:
     """Whether the matmul ``node``'s output picks experts: it reaches torch.topk through softmax, sigmoid,
-    casts and views only (a mixture-of-experts router)."""
+    casts, views, elementwise add, sub, mul and masked_fill only (a mixture-of-experts router)."""
     todo, seen = [node], set()
     while todo:
         for user in todo.pop().users:
