@@ -216,6 +216,24 @@ def test_keyword_operands_aten_calls_and_rmatmul_are_rewritten():
         assert torch.equal(y, first), i
 
 
+def test_a_matmul_under_vmap_is_skipped_with_its_reason():
+    """torch.func.vmap puts batched tensors into the graph, which the twin's autograd.Function cannot take
+    (the compile failed): such a site is skipped, named, and the step trains; the same layer outside
+    vmap is FP4."""
+    lin = nn.Linear(16, 8)
+
+    def fn(x):
+        return torch.func.vmap(lin)(x) + lin(x)
+
+    x = torch.randn(4, 16)
+    report, _ = rewritten(fn, x)
+    assert [(s["status"], s["reason"] and "vmap" in s["reason"]) for s in report["sites"]] == [
+        ("skipped", True), ("fp4", None)]
+    torch._dynamo.reset()
+    torch.compile(fn, backend=fp4compile.backend(inner="aot_eager"))(x).sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
 @pytest.mark.parametrize("kdim, rotation", [(None, 32), (48, 16)])
 def test_multihead_attention_projections_are_quantized(kdim, rotation, monkeypatch):
     """nn.MultiheadAttention is one op in Dynamo's graph: its site's twin runs torch's implementation with

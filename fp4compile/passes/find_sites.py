@@ -198,6 +198,10 @@ def example(node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _under_transform(t: torch.Tensor | None) -> bool:
+    return t is not None and (torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t))
+
+
 def _reduction(site: Site):
     a, b = (example(n) for n in site.operands)
     if a is None or b is None:
@@ -234,6 +238,9 @@ def find_sites(graph: fx.Graph, subgraph: str | None = None) -> list[Site]:
             site.operands = _operands(node, op)
             if site.operands is None:
                 site.skip(f"{op} called with operands that are not graph tensors")
+            elif any(_under_transform(example(n)) for n in site.operands):
+                site.skip("inside torch.func.vmap or grad (a functorch transform), which the FP4 twin's "
+                          "autograd.Function does not support; written as a batched matmul it is quantized")
             else:
                 site.reduction = _reduction(site)
         except ValueError as e:
