@@ -2,6 +2,7 @@
 
 from fp4compile import distributed, optim
 from fp4compile.dynamo_backend import backend, compile
+from fp4compile.passes.coverage import coverage
 from fp4compile.config import RECIPES, FP4Config
 from fp4compile.runtime.quantize import QuantizedTensor, fake_quantize, quantize
 from fp4compile.train_step import train_step
@@ -14,6 +15,7 @@ __all__ = [
     "RECIPES",
     "backend",
     "compile",
+    "coverage",
     "distributed",
     "fake_quantize",
     "optim",

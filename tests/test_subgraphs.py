@@ -423,3 +423,32 @@ node                  op      module      shapes              weight  status   g
 linear                linear  lm_head     [4, 32] x [16, 32]  B       skipped  -         output head (its output feeds log_softmax): kept in high precision; FP4Config(quantize_output_heads=True) quantizes it
 wrap_body_0.linear    linear  block.up    [4, 32] x [64, 32]  B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
 wrap_body_0.linear_1  linear  block.down  [4, 64] x [32, 64]  B       fp4      emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
+
+
+def test_coverage_names_the_weights_no_graph_had():
+    """fp4compile.coverage lists a model's weight matrices by what the backend did with them: a Linear
+    inside a checkpointed region that Dynamo ran eagerly (a side effect broke the graph) is "unseen", as
+    are an LSTM's (Dynamo does not compile it), the other Linear "fp4"; embeddings are not listed."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.before, self.inner = nn.Embedding(16, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+            self.rnn, self.calls = nn.LSTM(32, 32), 0
+
+        def body(self, x):
+            self.calls += 1
+            return self.inner(x)
+
+        def forward(self, ids):
+            x = checkpoint(self.body, self.before(self.embed(ids)), use_reentrant=False)
+            return self.rnn(x)[0].sum()
+
+    model = Model()
+    weights = ["before.weight", "inner.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+    assert fp4compile.coverage(model) == {"fp4": [], "skipped": [], "unseen": weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(model, backend=fp4compile.backend(FP4Config(), inner="aot_eager"))(
+            torch.randint(0, 16, (2, 8))).backward()
+    assert fp4compile.coverage(model) == {"fp4": weights[:1], "skipped": [], "unseen": weights[1:]}

@@ -5,7 +5,8 @@ higher-order op holds (passes/subgraphs.py)."""
 import torch.fx as fx
 
 from fp4compile.config import FP4Config
-from fp4compile.passes.classify import classify, parameters
+from fp4compile.passes import coverage
+from fp4compile.passes.classify import classify, parameter_nodes
 from fp4compile.passes.find_sites import find_sites
 from fp4compile.passes.heads import keep_heads
 from fp4compile.passes.names import specialize
@@ -20,7 +21,8 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
     before = gm.print_readable(print_output=False)
     expected = matmul_nodes(gm)
     graphs = []
-    for sub in subgraphs(gm, parameters(gm, example_inputs)):
+    params = parameter_nodes(gm, example_inputs)
+    for sub in subgraphs(gm, {node: name for node, (name, _) in params.items()}):
         found = find_sites(sub.gm.graph, sub.path)
         for site in found if sub.skip else ():
             site.skip(sub.skip)
@@ -29,6 +31,7 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
         graphs.append((sub.gm, found))
     sites = [site for _, found in graphs for site in found]
     serves = specialize(sites, config)
+    coverage.record(sites, dict(params.values()))
     for sub_gm, found in graphs:
         rewrite(sub_gm, found, config)
     report = build_report(graph_name(), sites, config, serves)

@@ -27,20 +27,21 @@ _ROUTER_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, 
 _ROUTER_METHODS = {"softmax", "sigmoid", "float", "to", "type", "view", "reshape", "add", "sub", "mul", "masked_fill"}
 
 
-def parameters(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, str]:
-    """Graph nodes that hold a parameter of the model, with the parameter's FQN in its root model (names.py),
-    or where it belongs to no module, the name the compiled frame gives it."""
+def parameter_nodes(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, tuple[str, torch.Tensor]]:
+    """Graph nodes that hold a parameter of the model: (the parameter's FQN in its root model (names.py),
+    or where it belongs to no module, the name the compiled frame gives it; the parameter)."""
     found = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
         grapharg = node.meta.get("grapharg")
         source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
         if isinstance(value, torch.nn.Parameter) or "_parameters[" in source:
-            found[node] = names.parameter_name(value) or (clean_fqn(source) if source else node.name)
+            found[node] = (names.parameter_name(value) or (clean_fqn(source) if source else node.name), value)
     for node in gm.graph.nodes:
         if node.op == "get_attr" and isinstance(value := _attr(gm, node.target), torch.nn.Parameter):
-            found[node] = names.parameter_name(value) or node.target
+            found[node] = (names.parameter_name(value) or node.target, value)
     return found
+
 
 
 def _attr(gm, target: str):
