@@ -43,7 +43,6 @@ def parameter_nodes(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, tuple[s
     return found
 
 
-
 def _attr(gm, target: str):
     obj = gm
     for part in target.split("."):

@@ -70,8 +70,8 @@ OPERATOR_OPS = {"aten::_grouped_mm": "grouped_mm", "transformers::grouped_mm_fal
                                                      "mv", "addmv", "dot", "addbmm", "cdist")},
                 "aten::scaled_dot_product_attention": "scaled_dot_product_attention"}
 _IN_PLACE = ("addmm_", "baddbmm_", "addbmm_", "addmv_", "addr_")
-METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "mm": "mm", "bmm": "bmm", "addmm": "addmm", "baddbmm": "baddbmm",
-              "mv": "mv", "addmv": "addmv", "dot": "dot", "vdot": "dot", "inner": "inner", "outer": "outer",
+METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "mm": "mm", "bmm": "bmm",
+              "addmm": "addmm", "baddbmm": "baddbmm", "mv": "mv", "addmv": "addmv", "dot": "dot", "vdot": "dot", "inner": "inner", "outer": "outer",
               "ger": "outer", "addr": "addr", "addbmm": "addbmm", **{name: name for name in _IN_PLACE}}
 # Matmul-like ops the pass finds but does not rewrite, and why: each is reported as skipped, so that none
 # runs in high precision unseen.
