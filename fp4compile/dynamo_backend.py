@@ -1,5 +1,6 @@
 """The ``fp4`` torch.compile backend: the FP4 pass on Dynamo's graph, then Inductor."""
 
+import collections
 import functools
 import importlib.util
 import os
@@ -86,27 +87,28 @@ def cpp_wrapper_settings(patches: dict) -> dict:
         return get_cpp_wrapper_config()
 
 
-_WARNED_BREAKS = set()
+# Dynamo's graph-break counts (never reset in a process) when the backend last looked: what it finds
+# above them broke while the graph it is called with was traced.
+_BREAKS_SEEN = collections.Counter(torch._dynamo.utils.counters["graph_break"])
 
 
 def warn_checkpoint_breaks() -> None:
-    """Warn, once per reason, of a graph break Dynamo took inside an activation-checkpointed region (or
-    another higher-order op: its reasons start with "HOP:"): the region then runs eagerly, in high
-    precision, and no graph the backend sees (so no report) has its matmuls. Dynamo counts its
+    """Warn of a graph break Dynamo took inside an activation-checkpointed region (or another higher-order
+    op: its reasons start with "HOP:") since the backend last looked: the region then runs eagerly, in
+    high precision, and no graph the backend sees (so no report) has its matmuls. Dynamo counts its
     graph-break reasons before it compiles the graph that ends at the break."""
-    for reason in torch._dynamo.utils.counters["graph_break"]:
-        if not (reason.startswith("HOP:") or "checkpoint" in reason.lower()) or reason in _WARNED_BREAKS:
-            continue
-        _WARNED_BREAKS.add(reason)
-        warnings.warn(
-            "fp4compile: Dynamo broke the graph inside an activation-checkpointed region (or another "
-            "higher-order op), which therefore runs eagerly in high precision and is in no fp4 report. "
-            "Dynamo's reason: "
-            f"{reason.splitlines()[0]!r}. For a side effect that the region undoes before it returns (as "
-            "transformers' attention code does with a context variable), set "
-            "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before compiling; "
-            "otherwise remove the side effect or the checkpointing (docs/usage.md, \"Activation "
-            "checkpointing\"). TORCH_LOGS=graph_breaks shows where.", stacklevel=2)
+    counts = torch._dynamo.utils.counters["graph_break"]
+    for reason, count in counts.items():
+        if count > _BREAKS_SEEN[reason] and (reason.startswith("HOP:") or "checkpoint" in reason.lower()):
+            warnings.warn(
+                "fp4compile: Dynamo broke the graph inside an activation-checkpointed region (or another "
+                "higher-order op), which therefore runs eagerly in high precision and is in no fp4 report. "
+                f"Dynamo's reason: {reason.splitlines()[0]!r}. For a side effect that the region undoes "
+                "before it returns (as transformers' attention code does with a context variable), set "
+                "torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before "
+                "compiling; otherwise remove the side effect or the checkpointing (docs/usage.md, "
+                "\"Activation checkpointing\"). TORCH_LOGS=graph_breaks shows where.", stacklevel=2)
+    _BREAKS_SEEN.update({reason: count - _BREAKS_SEEN[reason] for reason, count in counts.items()})
 
 
 def backend(config: FP4Config | None = None, *, inner: str = "inductor"):

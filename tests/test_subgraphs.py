@@ -267,7 +267,7 @@ def test_llama_gradient_checkpointing(tmp_path, monkeypatch):
         assert torch.equal(g, want[name]), name
 
 
-def test_a_graph_break_inside_a_checkpoint_is_warned_of(monkeypatch):
+def test_a_graph_break_inside_a_checkpoint_is_warned_of():
     """A side effect inside a checkpointed region makes Dynamo break the graph and run the region eagerly,
     in high precision, where no report sees it: the backend warns, naming Dynamo's flag."""
 
@@ -285,7 +285,6 @@ def test_a_graph_break_inside_a_checkpoint_is_warned_of(monkeypatch):
         def forward(self, x):
             return self.after(checkpoint(self.body, self.before(x), use_reentrant=False))
 
-    monkeypatch.setattr(fp4compile.dynamo_backend, "_WARNED_BREAKS", set())
     backend = fp4compile.backend(FP4Config(), inner="aot_eager")
     for side_effect in (False, True):
         torch._dynamo.reset()
