@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fp4compile.runtime.gemm import BF16_EXACT, BF16_MIN_CAPABILITY
+
 # Tiles by path: BF16 tensor cores (wgmma) or FP32 FMA (smaller: accumulator and operand tiles live in
 # registers). Rows form: BLOCK_M x BLOCK_N output tiles over BLOCK_K; weight form: BLOCK_N x BLOCK_K
 # output tiles over BLOCK_S rows. BF16 tiles picked on an H100 (triton 3.6) for Qwen3-30B-A3B's
@@ -39,7 +41,6 @@ CONFIGS = {
 # The interpreter runs a program at a time in numpy: small tiles keep CPU tests fast.
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_S=16, num_warps=1, num_stages=1)
 
-BF16_EXACT = (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16)
 DTYPES = (*BF16_EXACT, torch.float16, torch.float32)
 _FP8_KIND = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}  # the kernels' FP8 constexpr; 0: not FP8
 
@@ -210,7 +211,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, config: dic
     non-decreasing (entries are clamped to [0, S]). ``config`` overrides the tile sizes, warps and stages
     (CONFIGS)."""
     _check(a, b, offs)
-    bf16_dot = a.dtype in BF16_EXACT and b.dtype in BF16_EXACT
+    # BF16 tensor cores from sm_80 on; older GPUs multiply in FP32.
+    bf16_dot = a.dtype in BF16_EXACT and b.dtype in BF16_EXACT and (
+        not a.is_cuda or torch.cuda.get_device_capability(a.device) >= BF16_MIN_CAPABILITY)
     (a_, a_fp8), (b_, b_fp8) = _operand(a), _operand(b)
     offs = offs.contiguous()
     E = offs.shape[0]
