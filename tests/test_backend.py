@@ -156,14 +156,34 @@ def test_module_paths_from_dynamo_sources_become_fqns(path):
 
 def test_unsupported_sites_keep_the_original_op_with_a_reason():
     def fn(x, y, w):
-        return torch.addmm(x, y, w, beta=0.5), y @ w[:, 0], (y.long() @ w.long())
+        return torch.addmm(x, y, w), y @ w[:, 0], (y.long() @ w.long())
 
     report, code = rewritten(fn, torch.randn(4, 4), torch.randn(4, 8), torch.randn(8, 4))
     reasons = [s["reason"] for s in report["sites"]]
-    assert "beta=0.5" in reasons[0]
+    assert "activation x activation" in reasons[0]
     assert "1-D operand" in reasons[1]
     assert "torch.int64 operands" in reasons[2]
     assert "fp4compile" not in code
+
+
+def test_addmm_and_baddbmm_with_beta_and_alpha_are_rewritten():
+    """beta * input + alpha * (the FP4 product), where beta = 0 ignores the input's NaNs, as torch does."""
+    lin, w3 = nn.Linear(16, 8), nn.Parameter(torch.randn(1, 16, 8))
+
+    def fn(x, b, nan):
+        w = lin.weight
+        return (torch.addmm(b, x, w.T, beta=0.5, alpha=2.0), torch.addmm(nan, x, w.T, beta=0, alpha=3.0),
+                torch.baddbmm(b[None], x[None], w3, alpha=0.25), x @ w.T, torch.bmm(x[None], w3))
+
+    x, b, nan = torch.randn(4, 16), torch.randn(4, 8), torch.full((4, 8), float("nan"))
+    report, _ = rewritten(fn, x, b, nan)
+    assert [(s["op"], s["status"]) for s in report["sites"]] == [
+        ("addmm", "fp4"), ("addmm", "fp4"), ("baddbmm", "fp4"), ("matmul", "fp4"), ("bmm", "fp4")]
+    torch._dynamo.reset()
+    *got, product, batched = torch.compile(fn, backend=fp4compile.backend(inner="aot_eager"))(x, b, nan)
+    assert not torch.equal(product, x @ lin.weight.T)
+    for y, want in zip(got, (product * 2.0 + b * 0.5, product * 3.0, batched * 0.25 + b[None])):
+        assert torch.equal(y, want)
 
 
 def test_every_other_matmul_like_op_is_a_site_skipped_with_its_reason():

@@ -125,10 +125,6 @@ def _grouped_reason(site: Site, config: FP4Config) -> str | None:
 
 
 def _skip_reason(site: Site, config: FP4Config) -> str | None:
-    if site.op in ("addmm", "baddbmm"):
-        beta, alpha = site.node.kwargs.get("beta", 1), site.node.kwargs.get("alpha", 1)
-        if beta != 1 or alpha != 1:
-            return f"{site.op} with beta={beta}, alpha={alpha} (only beta = alpha = 1 is rewritten)"
     a, b = (example(n) for n in site.operands)
     if a is None or b is None:
         return "operand shapes unknown (no example_value on the node)"

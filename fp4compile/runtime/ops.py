@@ -31,15 +31,16 @@ def mm(spec: MatmulSpec, a, b):
 
 
 def addmm(spec: MatmulSpec, input, mat1, mat2, *, beta=1, alpha=1):
-    # The pass only rewrites beta == alpha == 1; other values keep the original op.
-    return fp4_matmul_nt(mat1, mat2.mT, input, spec)
+    if beta == 1 and alpha == 1:
+        return fp4_matmul_nt(mat1, mat2.mT, input, spec)
+    # beta * input + alpha * (mat1 @ mat2), where beta = 0 ignores input (its NaNs too), as torch.addmm.
+    y = fp4_matmul_nt(mat1, mat2.mT, None, spec)
+    y = y if alpha == 1 else y * alpha
+    return y if beta == 0 else y + (input if beta == 1 else input * beta)
 
 
 bmm = mm
-
-
-def baddbmm(spec: MatmulSpec, input, batch1, batch2, *, beta=1, alpha=1):
-    return fp4_matmul_nt(batch1, batch2.mT, input, spec)
+baddbmm = addmm
 
 
 def grouped_mm(spec: MatmulSpec, a, b, offs=None, bias=None, out_dtype=None):
