@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fp4compile.passes import names
+
 _STATUS = WeakIdKeyDictionary()  # parameter -> "fp4" or "skipped" ("fp4" once any site quantized it)
 # Modules whose matrices are not matmul weights: lookup tables, convolutions.
 _NOT_MATMUL = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)
@@ -28,8 +30,9 @@ def coverage(model: nn.Module) -> dict[str, list[str]]:
     """The names of ``model``'s trainable weight matrices (parameters of 2 or more dims, held by a module
     that is not an embedding or a convolution) by what the fp4 backend did with them in this process:
     "fp4" (some site quantized it), "skipped" (sites kept it in high precision, each report says why) and
-    "unseen" (no compiled graph used it as a matmul weight: it ran eagerly, or has not run yet). Call it
-    after a training step."""
+    "unseen" (no compiled graph used it as a matmul weight: it ran eagerly, or has not run yet), each
+    named as the reports name it (its FQN in the largest model holding it, without the wrappers of
+    torch.compile, DDP or checkpointing). Call it after a training step."""
     found = {"fp4": [], "skipped": [], "unseen": []}
     seen = set()
     for module_name, module in model.named_modules():
@@ -39,5 +42,5 @@ def coverage(model: nn.Module) -> dict[str, list[str]]:
             if param.dim() < 2 or not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            found[_STATUS.get(param, "unseen")].append(name)
+            found[_STATUS.get(param, "unseen")].append(names.parameter_name(param) or name)
     return found
