@@ -4,7 +4,7 @@ chosen before triton is imported).
 
 Both forms (rows: a [S, K] x b [E, N, K]; weight: a [N, S] x b [S, K] -> [E, N, K]) over group sizes that
 are not multiples of the tiles, empty experts (first, middle, last), one-row groups, rows past offs[-1],
-a single expert, all experts empty and none; b = w.mT of [E, K, N] and a = dy.mT of [S, N] as strided views;
+33 experts, a single expert, all experts empty and none; b = w.mT of [E, K, N] and a = dy.mT of [S, N] as strided views;
 dtype pairs e5m2 x e4m3, e4m3 x e4m3, bf16 x bf16, fp32 x fp32 (one BF16 tensor-core path, one IEEE FP32).
 
 Comparisons: bit-exact on operands whose partial sums are exact in FP32 in any order (integers in
@@ -38,6 +38,8 @@ OFFS = {  # cumulative group ends (S = 75)
     "one expert, rows past offs[-1]": [33],
     "all empty": [0, 0, 0],
     "no experts": [],
+    # one more than a power of two (the tile search's vector of segments pads to 64)
+    "33 experts": sorted((i * 37) % (S + 1) for i in range(33)),
 }
 PAIRS = [(torch.float8_e5m2, torch.float8_e4m3fn), (torch.float8_e4m3fn, torch.float8_e4m3fn),
          (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
