@@ -334,6 +334,27 @@ def test_einsum_forms():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_einsum_ellipsis_is_spelled_out_and_broadcasting_is_skipped():
+    """'...' becomes unused letters for the operands' ranks (implicit output too), so the site is rewritten
+    and computes what the explicit equation computes; a label of size 1 against n (a broadcast, which
+    torch allows) is skipped, named, where the twin's reshapes failed the compile."""
+    w, w3 = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(3, 16, 8))
+
+    def fn(x, y):
+        return (torch.einsum("...d,ed->...e", x, w), torch.einsum("...d,ed", x, w), torch.einsum("abd,ed->abe", x, w),
+                torch.einsum("b...d,bdf->b...f", y, w3), torch.einsum("bij,bjk->bik", y[:1], w3))
+
+    x, y = torch.randn(2, 5, 16), torch.randn(3, 4, 16)
+    report, code = rewritten(fn, x, y)
+    assert [s["status"] for s in report["sites"]] == ["fp4"] * 4 + ["skipped"]
+    assert "broadcasting 'b' (1 against 3)" in report["sites"][4]["reason"]
+    assert code.count("fp4compile_fp4_einsum") == 4 and code.count("'abd,ed->abe'") == 3
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend=fp4compile.backend(inner="aot_eager"))(x, y)
+    assert torch.equal(got[0], got[2]) and torch.equal(got[1], got[2])
+    assert got[3].shape == (3, 4, 8) and torch.equal(got[4], fn(x, y)[4])
+
+
 def test_dumps_report_and_structured_trace(tmp_path, monkeypatch):
     artifacts = []
 

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from fp4compile.passes import names
-from fp4compile.runtime.ops import parse_einsum
+from fp4compile.runtime.ops import explicit_einsum, parse_einsum
 
 FUNCTION_OPS = {
     torch._C._nn.linear: "linear",
@@ -178,6 +178,14 @@ def _positional(node: fx.Node, op: str) -> None:
         node.args, node.kwargs = tuple(args), kwargs
 
 
+def _explicit_einsum(node: fx.Node) -> None:
+    """Spell out an einsum's '...' for its operands' ranks (ops.explicit_einsum), in the node itself."""
+    operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    shapes = [example(o).shape for o in operands if example(o) is not None]
+    if len(operands) == len(shapes) == 2:
+        node.args = (explicit_einsum(node.args[0], *([hint(n) for n in s] for s in shapes)), *node.args[1:])
+
+
 def _operands(node: fx.Node, op: str):
     args = node.args
     if op == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
@@ -234,6 +242,7 @@ def find_sites(graph: fx.Graph, subgraph: str | None = None) -> list[Site]:
         _positional(node, op)
         try:
             if op == "einsum":
+                _explicit_einsum(node)
                 parse_einsum(node.args[0])
             site.operands = _operands(node, op)
             if site.operands is None:

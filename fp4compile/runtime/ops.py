@@ -6,6 +6,7 @@ graph reads like the original. Each twin brings its operands to the A [..., M, K
 
 import contextlib
 import functools
+import string
 
 import torch.nn.functional as F
 
@@ -67,6 +68,33 @@ def _linear_as(twin):
         yield
     finally:
         F.linear = original
+
+
+def explicit_einsum(equation: str, a_shape, b_shape) -> str:
+    """A two-operand einsum with its '...' spelled out in unused letters for operands of these shapes
+    (right-aligned, as torch broadcasts them); raise ValueError where a label's sizes differ (a size-1
+    broadcast, which the twin's reshapes do not do)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return equation  # parse_einsum names the problem
+    ellipsis = "..." in eq
+    if ellipsis:
+        spare = [c for c in string.ascii_letters if c not in eq]
+        counts = [len(shape) - len(t.replace("...", "")) if "..." in t else 0
+                  for t, shape in zip(terms, (a_shape, b_shape))]
+        dims = "".join(spare[:max(counts)])
+        terms = [t.replace("...", dims[len(dims) - n:]) for t, n in zip(terms, counts)]
+        if not arrow:  # torch's implicit output: the '...' dims, then the labels used once, sorted
+            labels = "".join(terms)
+            out = dims + "".join(sorted(c for c in labels if labels.count(c) == 1 and c not in dims))
+        eq = f"{terms[0]},{terms[1]}->{out.replace('...', dims)}"
+    b_size = dict(zip(terms[1], b_shape))
+    for c, n in zip(terms[0], a_shape):
+        if c in b_size and b_size[c] != n:
+            raise ValueError(f"einsum broadcasting {c!r} ({n} against {b_size[c]}) is not rewritten")
+    return eq if ellipsis else equation
 
 
 def parse_einsum(equation: str):
