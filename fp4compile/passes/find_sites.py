@@ -71,7 +71,8 @@ OPERATOR_OPS = {"aten::_grouped_mm": "grouped_mm", "transformers::grouped_mm_fal
                 "aten::scaled_dot_product_attention": "scaled_dot_product_attention"}
 _IN_PLACE = ("addmm_", "baddbmm_", "addbmm_", "addmv_", "addr_")
 METHOD_OPS = {"matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "mm": "mm", "bmm": "bmm",
-              "addmm": "addmm", "baddbmm": "baddbmm", "mv": "mv", "addmv": "addmv", "dot": "dot", "vdot": "dot", "inner": "inner", "outer": "outer",
+              "addmm": "addmm", "baddbmm": "baddbmm", "mv": "mv", "addmv": "addmv", "dot": "dot", "vdot": "dot",
+              "inner": "inner", "outer": "outer",
               "ger": "outer", "addr": "addr", "addbmm": "addbmm", **{name: name for name in _IN_PLACE}}
 # Matmul-like ops the pass finds but does not rewrite, and why: each is reported as skipped, so that none
 # runs in high precision unseen.
@@ -207,7 +208,8 @@ def example(node) -> torch.Tensor | None:
 
 
 def _under_transform(t: torch.Tensor | None) -> bool:
-    return t is not None and (torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_gradtrackingtensor(t))
+    functorch = torch._C._functorch
+    return t is not None and (functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
 
 
 def _reduction(site: Site):
