@@ -12,6 +12,27 @@ from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
 
 
+def _interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter (the GPU machines') takes int() of a scalar argument's 1-element array,
+    which NumPy >= 2.4 refuses, so a loop over a runtime bound (``range(0, K, BLOCK_K)``) fails there;
+    later Triton squeezes the array first, as this does."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None:
+        return
+
+    def squeezed(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = squeezed
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_scalar_index()
+
+
 def rewritten(fn, *inputs, config: FP4Config | None = None, **compile_kwargs):
     """Run ``fn`` through Dynamo and the FP4 pass only (no Inductor): (the pass's report, the rewritten
     graph's code without source comments)."""

@@ -236,6 +236,39 @@ def test_keyword_operands_aten_calls_and_rmatmul_are_rewritten():
         assert torch.equal(y, first), i
 
 
+def test_weights_computed_from_parameters_are_weights():
+    """A weight the model computes from parameters only (weight_norm, a slice of a fused weight, a LoRA
+    merge, table rows picked by constant ids) is quantized as a weight, named by the parameters it is
+    made of, and coverage counts each of them; a weight scaled by an activation stays an activation."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normed, self.fused = weight_norm(nn.Linear(16, 16)), nn.Linear(16, 48, bias=False)
+            self.a, self.b = nn.Parameter(torch.randn(16, 4)), nn.Parameter(torch.randn(4, 16) * 0.1)
+            self.table = nn.Parameter(torch.randn(40, 16))
+
+        def forward(self, x):
+            x = self.normed(x)
+            x = x @ self.fused.weight[:16].T + (x @ (self.fused.weight[16:32] + self.a @ self.b).T)
+            x = x @ self.table[torch.arange(16)].T
+            return x @ (self.table[:16] * x.mean()).T
+
+    model, x = Model(), torch.randn(8, 16)
+    report, _ = rewritten(model, x)
+    w = "normed.parametrizations.weight.original"
+    assert [(s["op"], s["status"], s["weights"]) for s in report["sites"]] == [
+        ("linear", "fp4", [None, f"{w}1+{w}0"]), ("matmul", "fp4", [None, "fused.weight"]),
+        ("matmul", "fp4", ["a", "b"]), ("matmul", "fp4", [None, "fused.weight+a+b"]),
+        ("matmul", "fp4", [None, "table"]), ("matmul", "skipped", [None, None])]
+    torch._dynamo.reset()
+    torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert fp4compile.coverage(model) == {
+        "fp4": ["a", "b", "table", f"{w}0", f"{w}1", "fused.weight"], "skipped": [], "unseen": []}
+
+
 def test_a_matmul_under_vmap_is_skipped_with_its_reason():
     """torch.func.vmap puts batched tensors into the graph, which the twin's autograd.Function cannot take
     (the compile failed): such a site is skipped, named, and the step trains; the same layer outside

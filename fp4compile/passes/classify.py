@@ -1,7 +1,9 @@
 """Classify each site's operands (weight or activation) and decide whether it is quantized, and why not.
 
-A weight is a parameter of the traced model, reached from the operand through views, transposes and
-casts: Dynamo passes parameters as placeholders (or get_attr nodes when modules are not inlined).
+A weight is a value computed from the traced model's parameters (and buffers and constants) only: a
+parameter itself through views and casts, or a weight the model makes from parameters (weight_norm, a
+slice of a fused weight, a LoRA merge). Dynamo passes parameters as placeholders (or get_attr nodes when
+modules are not inlined).
 """
 
 import operator
@@ -16,9 +18,6 @@ from fp4compile.runtime import unbiased
 from fp4compile.runtime.formats import get_format
 from fp4compile.runtime.hadamard import GROUP_SIZES, group_for
 
-_VIEW_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "type"}
-_VIEW_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.reshape, torch.Tensor.to, torch.Tensor.t}
-_VIEW_ATTRS = {"T", "mT", "data"}
 # Ops between a router's matmul and the torch.topk that picks experts from its output (DeepSeek-V3 adds a
 # bias to its scores and masks expert groups before it picks).
 _ROUTER_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.sigmoid, torch.nn.functional.sigmoid,
@@ -50,16 +49,6 @@ def _attr(gm, target: str):
     return obj
 
 
-def _is_view(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op == "call_function":
-        if node.target is getattr:
-            return node.args[1] in _VIEW_ATTRS
-        return node.target in _VIEW_FUNCTIONS
-    return False
-
-
 def _is_expert_gather(node: fx.Node) -> bool:
     """w[ids] or w.index_select(0, ids) with integer ids: whole matrices of a [E, N, K] parameter picked
     along dim 0 (MoE experts), each quantized along its own rows, so quantizing after the gather gives
@@ -82,15 +71,32 @@ def _is_expert_gather(node: fx.Node) -> bool:
     return value is not None and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
 
 
-def weight_of(node: fx.Node, params: dict[fx.Node, str]) -> str | None:
-    """FQN of the parameter behind ``node``, or None for an activation."""
-    while isinstance(node, fx.Node):
+def weights(graph: fx.Graph, params: dict[fx.Node, str]) -> dict[fx.Node, str]:
+    """The nodes of ``graph`` that hold a weight, with its name: a value computed from parameters, buffers
+    and constants only (a parameter through views and casts, a slice of a fused weight, weight_norm, a
+    LoRA merge; MoE experts picked from a parameter by activation-made ids), named by the parameters it
+    is computed from, joined by '+'. Anything reached from an activation (a graph input other than a
+    parameter or buffer) is an activation."""
+    sources: dict[fx.Node, tuple | None] = {}  # node -> its parameters' names, or None for an activation
+    for node in graph.nodes:
         if node in params:
-            return params[node]
-        if not (_is_view(node) or _is_expert_gather(node)) or not node.args:
-            return None
-        node = node.args[0]
-    return None
+            sources[node] = (params[node],)
+        elif node.op == "placeholder":
+            sources[node] = () if _is_constant_input(node) else None
+        elif node.op in ("call_function", "call_method", "call_module"):
+            inputs = [sources[n] for n in ([node.args[0]] if _is_expert_gather(node) else node.all_input_nodes)]
+            sources[node] = None if None in inputs else tuple(dict.fromkeys(name for s in inputs for name in s))
+        elif node.op == "get_attr":
+            sources[node] = ()
+    return {node: "+".join(s) for node, s in sources.items() if s}
+
+
+def _is_constant_input(node: fx.Node) -> bool:
+    """A graph input that is no activation: a module's buffer, or not a tensor (a symbolic size)."""
+    grapharg = node.meta.get("grapharg")
+    source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
+    value = node.meta.get("example_value")
+    return "_buffers[" in source or isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def is_router(node: fx.Node) -> bool:
@@ -186,10 +192,11 @@ def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
 
 
 def classify(sites: list[Site], params: dict[fx.Node, str], config: FP4Config) -> None:
+    held = weights(sites[0].node.graph, params) if sites else {}
     for site in sites:
         if site.status != "fp4":
             continue
-        site.weights = tuple(weight_of(n, params) for n in site.operands)
+        site.weights = tuple(held.get(n) for n in site.operands)
         reason = _skip_reason(site, config)
         if reason is None and config.rotation:
             site.rotation = rotation_of(site, config)

@@ -20,10 +20,10 @@ _NOT_MATMUL = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)
 def record(sites, weights: dict[str, torch.Tensor]) -> None:
     """Note the status of each site's weight operands; ``weights`` maps their names to the parameters."""
     for site in sites:
-        for name in site.weights:
-            param = weights.get(name)
-            if param is not None and _STATUS.get(param) != "fp4":
-                _STATUS[param] = site.status
+        for name in filter(None, site.weights):
+            for param in map(weights.get, name.split("+")):  # a weight computed from several
+                if param is not None and _STATUS.get(param) != "fp4":
+                    _STATUS[param] = site.status
 
 
 def coverage(model: nn.Module) -> dict[str, list[str]]:

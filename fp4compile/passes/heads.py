@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp4compile.passes import names
-from fp4compile.passes.classify import _is_view, weight_of
+from fp4compile.passes.classify import weights
 from fp4compile.passes.find_sites import Site, example
 
 _LOSSES = {
@@ -27,11 +27,19 @@ _LOSSES = {
 }
 
 
+_PASS_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "flatten", "to", "float", "half",
+                  "bfloat16", "type"}
+_PASS_FUNCTIONS = {operator.getitem, torch.flatten, torch.t, torch.transpose, torch.permute, torch.reshape,
+                   torch.Tensor.to, torch.Tensor.t}
+
+
 def _passes_through(node: fx.Node) -> bool:
-    """Views and casts (classify's), slicing and flattening: the logits, reshaped for the loss."""
-    if node.op == "call_function" and node.target in (operator.getitem, torch.flatten):
-        return True
-    return _is_view(node) or (node.op == "call_method" and node.target == "flatten")
+    """Views, casts, slicing and flattening: the logits, reshaped for the loss."""
+    if node.op == "call_method":
+        return node.target in _PASS_METHODS
+    if node.op == "call_function":
+        return node.target in _PASS_FUNCTIONS or node.target is getattr and node.args[1] in ("T", "mT", "data")
+    return False
 
 
 def _reaches(node: fx.Node) -> tuple[str | None, bool]:
@@ -63,9 +71,10 @@ def input_embeddings(sites: list[Site], params: dict[fx.Node, str]) -> dict[str,
         if entry is not None:
             found[entry[0]] = (tuple(module.weight.shape), entry[1])
     for graph in {s.node.graph for s in sites}:
+        held = weights(graph, params)
         for node in graph.nodes:
             if node.op == "call_function" and node.target is F.embedding and len(node.args) > 1:
-                name, value = weight_of(node.args[1], params), example(node.args[1])
+                name, value = held.get(node.args[1]), example(node.args[1])
                 if name is not None and value is not None:
                     found[name] = (tuple(value.shape), None)
     return found

@@ -4,7 +4,7 @@ holds as a ``get_attr`` GraphModule: activation checkpointing (``tag_activation_
 flex_attention's score and mask mods, a traced ``autograd.Function``'s bodies.
 
 A parameter enters a subgraph as a plain placeholder: it is recognised by following the placeholder to
-the HOP's argument bound to it, and that argument, through views, to a parameter of the outer graph.
+the HOP's argument bound to it, a weight of the outer graph (classify.weights).
 """
 
 from dataclasses import dataclass, field
@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from fp4compile.passes.classify import weight_of
+from fp4compile.passes.classify import weights
 from fp4compile.passes.find_sites import op_of
 
 # HOPs whose subgraphs are rewritten: each subgraph takes the op's arguments after it (flattened) as its
@@ -79,7 +79,8 @@ def _bind(sub: Subgraph, parent: Subgraph) -> None:
         hop = sub.calls[0][0].target.name()
         sub.skip = parent.skip or WHY_NOT.get(hop, f"inside torch.ops.higher_order.{hop}, which fp4compile does not rewrite")
         return
-    names = [[weight_of(a, parent.params) if isinstance(a, fx.Node) else None for a in args] for _, args in sub.calls]
+    held = weights(parent.gm.graph, parent.params)
+    names = [[held.get(a) if isinstance(a, fx.Node) else None for a in args] for _, args in sub.calls]
     placeholders = [p for p in sub.gm.graph.nodes if p.op == "placeholder"]
     sub.params = {p: name for p, name in zip(placeholders, names[0]) if name is not None}
     sub.skip = parent.skip
