@@ -251,8 +251,8 @@ def test_weights_computed_from_parameters_are_weights():
 
         def forward(self, x):
             x = self.normed(x)
-            x = x @ self.fused.weight[:16].T + (x @ (self.fused.weight[16:32] + self.a @ self.b).T)
-            x = x @ self.table[torch.arange(16)].T
+            x = x @ self.fused.weight[:16].T + (x @ (self.fused.weight.chunk(3)[1] + self.a @ self.b).T)
+            x = x @ self.table[torch.arange(16)].T + x @ torch.ones(self.table.shape[1], 16, dtype=x.dtype)
             return x @ (self.table[:16] * x.mean()).T
 
     model, x = Model(), torch.randn(8, 16)
@@ -261,7 +261,7 @@ def test_weights_computed_from_parameters_are_weights():
     assert [(s["op"], s["status"], s["weights"]) for s in report["sites"]] == [
         ("linear", "fp4", [None, f"{w}1+{w}0"]), ("matmul", "fp4", [None, "fused.weight"]),
         ("matmul", "fp4", ["a", "b"]), ("matmul", "fp4", [None, "fused.weight+a+b"]),
-        ("matmul", "fp4", [None, "table"]), ("matmul", "skipped", [None, None])]
+        ("matmul", "fp4", [None, "table"]), ("matmul", "skipped", [None, None]), ("matmul", "skipped", [None, None])]
     torch._dynamo.reset()
     torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -82,7 +82,9 @@ def weights(graph: fx.Graph, params: dict[fx.Node, str]) -> dict[fx.Node, str]:
         if node in params:
             sources[node] = (params[node],)
         elif node.op == "placeholder":
-            sources[node] = () if _is_constant_input(node) else None
+            sources[node] = () if _is_buffer(node) or _is_metadata(node) else None
+        elif _is_metadata(node):  # w.shape[0], w.size(1): not the weight's values
+            sources[node] = ()
         elif node.op in ("call_function", "call_method", "call_module"):
             inputs = [sources[n] for n in ([node.args[0]] if _is_expert_gather(node) else node.all_input_nodes)]
             sources[node] = None if None in inputs else tuple(dict.fromkeys(name for s in inputs for name in s))
@@ -91,12 +93,15 @@ def weights(graph: fx.Graph, params: dict[fx.Node, str]) -> dict[fx.Node, str]:
     return {node: "+".join(s) for node, s in sources.items() if s}
 
 
-def _is_constant_input(node: fx.Node) -> bool:
-    """A graph input that is no activation: a module's buffer, or not a tensor (a symbolic size)."""
+def _is_buffer(node: fx.Node) -> bool:
     grapharg = node.meta.get("grapharg")
-    source = grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
-    value = node.meta.get("example_value")
-    return "_buffers[" in source or isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+    return grapharg is not None and grapharg.source is not None and "_buffers[" in grapharg.source.name
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    """A size, shape, dtype or device (symbolic or not): no tensor's values."""
+    return isinstance(node.meta.get("example_value"), (int, float, bool, torch.SymInt, torch.SymFloat,
+                                                         torch.SymBool, torch.Size, torch.dtype, torch.device))
 
 
 def is_router(node: fx.Node) -> bool:
