@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -267,6 +268,32 @@ def test_weights_computed_from_parameters_are_weights():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert fp4compile.coverage(model) == {
         "fp4": ["a", "b", "table", f"{w}0", f"{w}1", "fused.weight"], "skipped": [], "unseen": []}
+
+
+@torch.library.custom_op("fp4test::scaled_linear", mutates_args=())
+def _scaled_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x @ w.T * scale
+
+
+_scaled_linear.register_fake(lambda x, w, scale: x.new_empty(*x.shape[:-1], w.shape[0]))
+
+
+def test_custom_operators_taking_a_weight_are_reported_and_warned_about():
+    """A custom operator is opaque to the pass: one that takes a weight matrix (here through a view) is
+    listed in the report and warned about once; one that takes only activations, or a 1-D parameter, is not."""
+    lin, gain = nn.Linear(16, 8, bias=False), nn.Parameter(torch.ones(8))
+
+    def fn(x):
+        return _scaled_linear(x, lin.weight.T.T, gain) + _scaled_linear(x, x.repeat(2, 1), gain) + lin(x)
+
+    with pytest.warns(UserWarning, match=r"custom operator fp4test::scaled_linear takes the weight weight;"):
+        report, _ = rewritten(fn, torch.randn(4, 16))
+    assert report["opaque"] == [{"subgraph": None, "node": "scaled_linear_default", "op": "fp4test::scaled_linear",
+                                 "weights": ["weight"]}]
+    assert [s["status"] for s in report["sites"]] == ["fp4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per operator
+        rewritten(fn, torch.randn(4, 16))
 
 
 def test_a_matmul_under_vmap_is_skipped_with_its_reason():

@@ -196,8 +196,8 @@ def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
         raise ValueError("fp4compile cannot apply this recipe to every selected matmul:\n" + "\n".join(problems))
 
 
-def classify(sites: list[Site], params: dict[fx.Node, str], config: FP4Config) -> None:
-    held = weights(sites[0].node.graph, params) if sites else {}
+def classify(sites: list[Site], held: dict[fx.Node, str], config: FP4Config) -> None:
+    """Set each site's weights (``held``: the graph's weights) and skip those not quantized, with the reason."""
     for site in sites:
         if site.status != "fp4":
             continue

@@ -104,11 +104,13 @@ def site_record(site: Site, config: FP4Config, root: str | None = None) -> dict:
     }
 
 
-def build_report(name: str, sites: list[Site], config: FP4Config, serves: dict | None = None) -> dict:
+def build_report(name: str, sites: list[Site], config: FP4Config, serves: dict | None = None,
+                 opaque: list[dict] | None = None) -> dict:
     """``serves``: for each block the graph was traced from (names.specialize), the FQNs of all the modules
     whose calls it serves; the sites are named in the traced block. ``root`` tells apart the root models of
     a graph that reaches several (a model and its teacher under @train_step): None when there is one.
-    ``subgraph``: the path of the site's GraphModule from the root graph (None for the root)."""
+    ``subgraph``: the path of the site's GraphModule from the root graph (None for the root). ``opaque``:
+    the calls of custom operators that take a weight (opaque.py)."""
     roots = {id(s.root): s.root for s in sites if s.root is not None}
     labels = {i: root_label(r) for i, r in roots.items()} if len(roots) > 1 else {}
     records = [site_record(s, config, labels.get(id(s.root))) for s in sites]
@@ -121,6 +123,7 @@ def build_report(name: str, sites: list[Site], config: FP4Config, serves: dict |
             "skipped": sum(r["status"] == "skipped" for r in records),
         },
         "sites": records,
+        "opaque": opaque or [],
     }
 
 
@@ -135,6 +138,10 @@ def summary_table(report: dict) -> str:
         rows.append((node, r["op"], str(r["module"]), shapes, weight, r["status"], gemm, reason))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    for call in report.get("opaque", ()):
+        node = f"{call['subgraph']}.{call['node']}" if call["subgraph"] else call["node"]
+        lines.append(f"{node}: custom operator {call['op']} takes the weight {', '.join(call['weights'])}, "
+                     "opaque to fp4compile (not FP4)")
     s = report["summary"]
     serves = "".join(f"\nserves {', '.join(served)} (traced in {traced})" for traced, served in report["serves"].items())
     return f"fp4compile {report['graph']}: {s['fp4']} fp4, {s['skipped']} skipped{serves}\n" + "\n".join(lines)
@@ -166,5 +173,5 @@ def emit(report: dict, before: fx.GraphModule | str, after: fx.GraphModule, conf
             metadata_fn=lambda name=name, encoding=encoding: {"name": name, "encoding": encoding},
             payload_fn=lambda text=text: text,
         )
-    if report["sites"]:
+    if report["sites"] or report["opaque"]:
         log.info("%s", summary_table(report))
