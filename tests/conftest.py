@@ -12,6 +12,17 @@ from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
 
 
+# The suite's reference torch is 2.13 (CI's); the GPU machines run 2.11, where a few CPU tests see torch's
+# own differences (each marked with its reason).
+TORCH_2_13 = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
+# Whether Inductor's C++ (CPU) code rounds where eager rounds (emulate_precision_casts, which the backend
+# sets): its codegen honours it from torch 2.13; before, CPU results differ from eager in the last bits.
+CPU_CODEGEN_ROUNDS_AS_EAGER = TORCH_2_13
+older_cpu_codegen = pytest.mark.xfail(
+    not CPU_CODEGEN_ROUNDS_AS_EAGER, strict=True,
+    reason=f"torch {torch.__version__}'s C++ codegen ignores emulate_precision_casts (honoured from 2.13)")
+
+
 def _interpreter_scalar_index() -> None:
     """Triton 3.6's interpreter (the GPU machines') takes int() of a scalar argument's 1-element array,
     which NumPy >= 2.4 refuses, so a loop over a runtime bound (``range(0, K, BLOCK_K)``) fails there;

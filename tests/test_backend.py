@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
-from conftest import rewritten
+from conftest import CPU_CODEGEN_ROUNDS_AS_EAGER, TORCH_2_13, older_cpu_codegen, rewritten
 
 import fp4compile
 from fp4compile import FP4Config
@@ -81,6 +81,7 @@ def test_recipes_and_config_errors():
         fp4compile.backend(inner="eager")
 
 
+@older_cpu_codegen
 @pytest.mark.parametrize("recipe", ["dge", "rotated"])
 def test_inductor_computes_the_bits_eager_does(recipe):
     """A BF16 model's outputs and gradients through Inductor equal those of the same rewritten graph run
@@ -611,6 +612,9 @@ def test_rotation_keeps_a_joint_graph_pass_already_set(monkeypatch):
     assert seen == ["user's", "ours"] and model.weight.grad is not None
 
 
+@pytest.mark.xfail(not TORCH_2_13, strict=True,
+                   reason="torch < 2.13 stores x's FP8 values once per _scaled_mm reader on the CPU (two stores "
+                   "in one fused kernel)")
 def test_an_operand_several_gemms_read_is_stored_once():
     """x's FP4 values, read by two _scaled_mm GEMMs (as q/k/v read theirs on the FP8 path), become one
     buffer: the backend has Inductor realize them (dynamo_backend.prepare_inductor) rather
@@ -690,11 +694,16 @@ def _llama_step(config):
 def test_recompute_options_keep_no_fp8_values():
     """With recompute_activations, a Llama layer's step keeps no activation's FP8 values for the backward
     (it quantizes them again from what it keeps anyway: the norms' inputs and statistics, SwiGLU's inputs,
-    attention's output), no more of anything else, and computes the same loss and gradients, bit for bit;
+    attention's output), no more of anything else, and computes the same loss and gradients, bit for bit
+    (with recompute_weights, from torch 2.13 on: conftest.CPU_CODEGEN_ROUNDS_AS_EAGER);
     with recompute_weights too, no FP8 values at all."""
     (base, base_kept), (lean, lean_kept), (leanest, leanest_kept) = (
         _llama_step(FP4Config(recompute_activations=a, recompute_weights=w)) for a, w in ((0, 0), (1, 0), (1, 1)))
-    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(base, lean, leanest, strict=True))
+    assert all(torch.equal(b, a) for a, b in zip(base, lean, strict=True))
+    # Before torch 2.13 the CPU code does not round the weight's rotation to BF16 before quantizing it
+    # again in the backward (conftest), so other FP4 values multiply there (usage.md, recompute_weights).
+    if CPU_CODEGEN_ROUNDS_AS_EAGER:
+        assert all(torch.equal(c, a) for a, c in zip(base, leanest, strict=True))
     assert not [s for d, s, _ in leanest_kept if d == "torch.float8_e4m3fn"]
     fp8 = lambda kept, activations: sorted(  # noqa: E731
         n for d, s, n in kept if d == "torch.float8_e4m3fn" and (48 in s) == activations)

@@ -7,6 +7,7 @@ largest entry (sums of at most 64 products here)."""
 
 import pytest
 import torch
+from conftest import older_cpu_codegen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -152,6 +153,7 @@ def test_backward_operands_original_uses_unquantized_operands():
         _close(dw[e], dy[rows].double().T @ x[rows].double())
 
 
+@older_cpu_codegen
 def test_bfloat16_keeps_its_dtype_and_compiles_like_eager():
     """torch._grouped_mm (BF16 only under torch.compile) through the fp4 backend and Inductor computes the
     bits of the eager op with the default recipe (its rotation group where K = 64: report's rotation)."""
