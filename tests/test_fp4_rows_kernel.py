@@ -7,12 +7,9 @@ E2M1 values are exact in float8, so its cast of every other value is exact).
 Cases: ragged widths (1, 70, 2048, 5632: one row per program to four), a row stride wider than the
 row, the fused rotation (hadamard.rotate first) in each group size, float32 / bfloat16 / float16
 inputs, values on E2M1 rounding ties, a NaN, an inf, an all-zero row, a row tiny enough for the 2^-126
-scale floor, and negative values that round to -0. Where K is even, fp4_rows_packed too: the same
-values and scales, the values' codes two to a byte (``e2m1.pack_e2m1(e2m1.encode_e2m1(values))``), and
-``unpack_transposed`` of those codes the values transposed (rows whose scale is NaN left out: their
-products are NaN whatever their codes). Run as ``TRITON_INTERPRET=1 python tests/test_fp4_rows_kernel.py``,
-this file prints the interpreter results. Ahead-of-time builds for sm_90 and sm_100 check the kernels
-compile for both, on any machine.
+scale floor, and negative values that round to -0. Run as ``TRITON_INTERPRET=1 python
+tests/test_fp4_rows_kernel.py``, this file prints the interpreter results.
+Ahead-of-time builds for sm_90 and sm_100 check the kernel compiles for both, on any machine.
 """
 
 import json
@@ -25,10 +22,8 @@ from conftest import bits_equal, run_interpreted
 
 triton = pytest.importorskip("triton")
 
-from fp4compile.runtime.e2m1 import encode_e2m1, pack_e2m1  # noqa: E402
 from fp4compile.runtime.hadamard import rotate, rotation_matrix  # noqa: E402
-from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows, fp4_rows_packed  # noqa: E402
-from fp4compile.runtime.kernels.transpose_triton import unpack_transposed  # noqa: E402
+from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows  # noqa: E402
 from fp4compile.runtime.quantize import gemm_operand  # noqa: E402
 
 SHAPES = [(9, 70), (5, 2048), (3, 5632), (6, 1)]
@@ -60,42 +55,24 @@ def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0, dyadi
     return x.to(dtype).to(device)[:, :k]
 
 
-def _compare(got, want) -> list:
-    return [[tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)] for g, w in zip(got, want)]
-
-
-def _packed(got, values: torch.Tensor, scale: torch.Tensor) -> list:
-    """fp4_rows_packed's codes and their unpacked transpose against the reference values, on the rows
-    whose scale is finite."""
-    codes, finite = got[2].cpu(), scale.isfinite().reshape(-1)
-    unpacked = unpack_transposed(got[2]).cpu()
-    return _compare([codes[finite], unpacked.t()[finite]],
-                    [pack_e2m1(encode_e2m1(values.float()))[finite], values[finite]])
-
-
 def _all_cases(device: str) -> dict:
     results = {}
     cases = [(shape, 0, None) for shape in SHAPES] + [((9, 70), 10, None)] + ROTATED
     for (m, k), pad, group in cases:
         for dtype in DTYPES:
             x = _inputs(m, k, dtype, device, pad, dyadic=group is not None)
-            matrix = None if group is None else rotation_matrix(group, x.device, dtype)
+            got = fp4_rows(x) if group is None else fp4_rows(x, rotation_matrix(group, x.device, dtype))
             want = gemm_operand(x.cpu() if group is None else rotate(x.cpu(), group), "vector")
-            outputs = _compare(fp4_rows(x, matrix), want)
-            if k % 2 == 0:
-                packed = fp4_rows_packed(x, matrix)
-                outputs += _compare(packed[:2], want) + _packed(packed, *want)
-            results[f"{m}x{k} pad {pad} rotation {group} {dtype}"] = outputs
+            results[f"{m}x{k} pad {pad} rotation {group} {dtype}"] = [
+                [tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)]
+                for g, w in zip(got, want)]
     return results
 
 
 def _check(results: dict) -> None:
     assert len(results) == (len(SHAPES) + 1 + len(ROTATED)) * len(DTYPES)
     for name, outputs in results.items():
-        # shape and bits of the values and the scales; where K is even, of fp4_rows_packed's values,
-        # scales, codes and unpacked codes too
-        assert outputs == [[True, True]] * (6 if name.split(" ")[0].endswith(("0", "2", "4", "6", "8")) else 2), \
-            (name, outputs)
+        assert outputs == [[True, True]] * 2, (name, outputs)  # shape and bits of the values, the scales
 
 
 def test_interpreter_matches_reference():
@@ -128,20 +105,12 @@ def test_rows_too_wide_name_the_reference():
         fp4_rows(torch.zeros(2, MAX_K + 1))
 
 
-def test_packing_an_odd_width_names_the_unpacked_operator():
-    with pytest.raises(ValueError, match="K must be even.*fp4_rows takes any"):
-        fp4_rows_packed(torch.zeros(2, 7))
-
-
 @pytest.mark.parametrize("cc", [90, 100])
-@pytest.mark.parametrize("k, group, pack", [(2048, 0, False), (MAX_K, 0, False), (2048, 128, False), (5632, 128, False),
-                                            (MAX_K, 128, False), (2048, 16, False), (2048, 0, True), (5632, 128, True),
-                                            (MAX_K, 0, True)])
-def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, pack):
+@pytest.mark.parametrize("k, group", [(2048, 0), (MAX_K, 0), (2048, 128), (5632, 128), (MAX_K, 128), (2048, 16)])
+def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
     """On any machine: the kernel builds for sm_90 and sm_100 at the launch shape the operator picks,
     with an IEEE division for each row's reciprocal and Hopper's E4M3 conversion instruction; with a
-    rotation, its dot on BF16 tensor cores (wgmma / tcgen05 kind::f16) rather than FP32 FMAs; the codes'
-    pointer used only with ``pack``."""
+    rotation, its dot on BF16 tensor cores (wgmma / tcgen05 kind::f16) rather than FP32 FMAs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -149,9 +118,8 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, pack):
 
     block_m, block_k, warps = rows._launch_shape(k)
     constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                  "PACK": pack, **({"GROUP": group, "FP32_DOT": False} if group else {})}
-    pointers = {"x_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv", "s_ptr": "*fp32",
-                "c_ptr": "*u8"}
+                  **({"GROUP": group, "FP32_DOT": False} if group else {})}
+    pointers = {"x_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
     signature = {**pointers, "M": "i32", "K": "i32", **{name: "constexpr" for name in constexprs}}
     kernel = rows._rotated_fp4_rows_kernel if group else rows._fp4_rows_kernel
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
@@ -159,31 +127,13 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, pack):
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert bool(group) == bool(re.search(r"mma\S*\.bf16|tcgen05\.mma\S*kind::f16", ptx))
-    assert pack == (f"{kernel.fn.__name__}_param_{list(signature).index('c_ptr')}]" in ptx)  # reads c_ptr
     assert len(compiled.asm["cubin"]) > 0
-
-
-@pytest.mark.parametrize("cc", [90, 100])
-def test_unpack_transposed_compiles_ahead_of_time_for_hopper_and_blackwell(cc):
-    """On any machine: the codes' unpack-transpose builds for sm_90 and sm_100 at the operator's tile,
-    moving the tile through shared memory (the transposed stores coalesce)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fp4compile.runtime.kernels import transpose_triton
-
-    signature = {"c_ptr": "*u8", "y_ptr": "*fp8e4nv", "R": "i32", "P": "i32", "TILE": "constexpr"}
-    compiled = triton.compile(ASTSource(transpose_triton._unpack_transpose_tiles, signature,
-                                        constexprs={"TILE": transpose_triton._TILE}),
-                              target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
-    assert "st.shared" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_custom_op_schema_and_fake_match_the_kernel():
-    x = _inputs(9, 70, torch.bfloat16, "cuda")
-    for op, args in ((fp4_rows, (x,)), (fp4_rows_packed, (x,)), (unpack_transposed, (fp4_rows_packed(x)[2],))):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(fp4_rows, (_inputs(9, 70, torch.bfloat16, "cuda"),),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def _step(kernels: bool, recompute_activations: bool = False, activation: str = "GELU") -> tuple[list, list]:
@@ -227,26 +177,17 @@ def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
     """The default recipe's compiled step as CUDA runs it (each activation rotated and quantized by
     fp4_rows, launched from Inductor's code there), in Triton's interpreter, against the CPU's path
     (rotation GEMMs, then Inductor's quantize): the same outputs and gradients, bit for bit, and the same
-    tensors saved for the backward (weights through the kernel saved its output and their BF16 cast), but
-    for each activation's FP8 values [64, K], kept as their codes two to a byte, [64, K / 2] uint8."""
+    tensors saved for the backward (weights through the kernel saved its output and their BF16 cast)."""
     results = run_interpreted(__file__, "step")
-    (got, kept), (want, kept_reference) = results["kernels"], results["reference"]
-    assert got == want
-
-    def activations(saved, dtype):
-        return sorted(max(shape) for saved_dtype, shape in saved if saved_dtype == dtype and 64 in shape)
-
-    assert activations(kept, "torch.uint8") == [k // 2 for k in activations(kept_reference, "torch.float8_e4m3fn")]
-    assert [s for s in kept if s[0] != "torch.uint8"] == [
-        s for s in kept_reference if not (s[0] == "torch.float8_e4m3fn" and 64 in s[1])]
+    assert results["kernels"] == results["reference"]
     # With recompute_activations the backward runs fp4_rows again on the input and the ReLU output (which
-    # ReLU's backward keeps): no FP8 values or codes of the 64 tokens kept, and the same outputs and
-    # gradients. ReLU, not GELU: a GELU recomputed in the backward's kernel rounded differently from the
-    # forward's with torch 2.11 on the CPU, a difference of Inductor's, not of the quantize recomputed.
+    # ReLU's backward keeps): no FP8 values of the 64 tokens kept, and the same outputs and gradients.
+    # ReLU, not GELU: a GELU recomputed in the backward's kernel rounded differently from the forward's
+    # with torch 2.11 on the CPU, a difference of Inductor's, not of the quantize recomputed.
     (got, saved), (want, kept) = results["recomputed"], results["kernels_relu"]
     assert got == want
-    assert not activations(saved, "torch.float8_e4m3fn") + activations(saved, "torch.uint8")
-    assert activations(kept, "torch.uint8") == [128, 384]
+    assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn" and 64 in shape]
+    assert [shape for dtype, shape in kept if dtype == "torch.float8_e4m3fn" and 64 in shape]
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ from fp4compile.runtime.kernels import fp4_rows_triton, fp8_grad_triton, transpo
 from fp4compile.runtime.kernels import triton_operator  # noqa: E402
 
 OPS = (torch.ops.fp4compile.fp8_grad_operands.default, torch.ops.fp4compile.fp4_rows.default,
-       torch.ops.fp4compile.fp4_rows_packed.default, torch.ops.fp4compile.transpose_bytes.default,
-       torch.ops.fp4compile.unpack_transposed.default)
+       torch.ops.fp4compile.transpose_bytes.default)
 
 
 def test_every_operator_gets_a_lowering():

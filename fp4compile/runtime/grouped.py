@@ -124,7 +124,7 @@ class FP4GroupedMM(torch.autograd.Function):
         ctx.dtypes = (x.dtype, w.dtype, dtype)
         w_dge = w if cfg.dge else None
         with torch.autocast(x.device.type, enabled=False):
-            x, w, (vx, ox, rx, _, _), (vw, ow, _, _, _) = forward_operands(x, w, False, True, cfg, dtype)
+            x, w, (vx, ox, rx, _), (vw, ow, _, _) = forward_operands(x, w, False, True, cfg, dtype)
             y = grouped_gemm(vx, ox, vw, ow, offs, dtype)
             if rx is not None:
                 y = y + high_precision_grouped(rx, w, offs, dtype)

@@ -48,31 +48,20 @@ def fused_rows(x: torch.Tensor, format: str) -> bool:
     return x.shape[-1] <= MAX_K
 
 
-def _rows_operand(x: torch.Tensor, rotation: int | None = None, pack: bool = False):
+def _rows_operand(x: torch.Tensor, rotation: int | None = None):
     """gemm_operand(x, "vector"), or of hadamard.rotate(x, rotation), in the same bits from the kernel
-    (``fused_rows``), which reads x once and rotates it on the way: (values, scale, codes), the codes
-    (``pack``, 2-D x of even K) the values' two to a byte, [M, K / 2] uint8, else None."""
-    from fp4compile.runtime.kernels.fp4_rows_triton import fp4_rows, fp4_rows_packed
+    (``fused_rows``), which reads x once and rotates it on the way."""
+    from fp4compile.runtime.kernels.fp4_rows_triton import fp4_rows
 
     matrix = None if rotation is None else rotation_matrix(rotation, x.device, x.dtype)
-    if pack:
-        return fp4_rows_packed(x, matrix)
     values, scale = fp4_rows(x.reshape(-1, x.shape[-1]), matrix)
-    return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1), None
-
-
-def packable(x: torch.Tensor, config: FP4Config) -> bool:
-    """Whether the backward keeps activation ``x``'s quantized values as codes two to a byte (half the
-    bytes of their FP8 form): what it multiplies are those values (backward_operands "quantized"), kept
-    rather than recomputed, of a 2-D x with an even K."""
-    return (config.backward_operands != "original" and not config.recompute_activations and x.dim() == 2
-            and x.shape[-1] % 2 == 0)
+    return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
 def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool = False,
-              rotation: int | None = None, kept: bool = False):
+              rotation: int | None = None):
     """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
-    kernel or None, the values' codes two to a byte for the backward or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
+    kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
     into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: the
     activation rotated inside its quantize kernel (``_operand``). Activations go through the kernel where
     it runs (``fused_rows``): Inductor fuses the reference into their producers as a looped reduction that
@@ -80,30 +69,28 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     quantize took less GPU time, but the step more (CHANGELOG.md, when each call went through the
     dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE. With
     config.recompute_activations (recompute_weights) an activation's (a weight's) quantize is recomputed in
-    the backward (``recomputed``). ``kept``: the backward multiplies by this operand's values; where the
-    kernel quantizes it and ``packable``, it also writes their codes, which the backward keeps instead."""
+    the backward (``recomputed``)."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
     with recomputed(config.recompute_weights if is_weight else config.recompute_activations):
-        values, outer, operand, codes = _quantized(x, is_weight, config, packed, rotation, kept)
-    return values, outer, residual, operand, codes
+        values, outer, operand = _quantized(x, is_weight, config, packed, rotation)
+    return values, outer, residual, operand
 
 
-def _quantized(x, is_weight: bool, config: FP4Config, packed: bool, rotation: int | None, kept: bool):
-    """``_quantize``'s (values, outer, packed operand or None, codes or None)."""
+def _quantized(x, is_weight: bool, config: FP4Config, packed: bool, rotation: int | None):
+    """``_quantize``'s (values, outer, packed operand or None)."""
     if packed:
         from fp4compile.runtime.kernels.blackwell_quantize import gemm_values, pack_operand
 
         rows = pack_operand(x.reshape(-1, x.shape[-1]), config.format, quantizer="triton" if x.is_cuda else "reference")
         values, outer = gemm_values(rows)
         outer = outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
-        return values.reshape(x.shape), outer, rows, None
+        return values.reshape(x.shape), outer, rows
     if rotation is not None or not is_weight and fused_rows(x, config.format):
-        values, scale, codes = _rows_operand(x, rotation, kept and packable(x, config))
-        return values, scale, None, codes
-    return (*gemm_operand(x, config.format), None, None)
+        return (*_rows_operand(x, rotation), None)
+    return (*gemm_operand(x, config.format), None)
 
 
 def recomputed(tagged: bool):
@@ -119,7 +106,7 @@ def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dt
         return rotate(x.to(dtype), config.rotation)
 
 
-def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool, kept: bool):
+def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool):
     """(x as the GEMM multiplies it, ``_quantize``'s tuple) of one forward operand, rotated along K where
     config.rotation says. An activation that nothing but its quantize reads rotated (OCC off, quantized
     backward operands), where the quantize kernel runs, is rotated inside it and comes back unrotated.
@@ -127,48 +114,35 @@ def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: 
     ``dtype``) for DGE: through the kernel, the partitioner saved the kernel's output and the weight's
     cast (3 bytes per parameter under autocast with FP32 weights)."""
     if not config.rotation:
-        return x, _quantize(x, is_weight, config, dtype, packed, kept=kept)
+        return x, _quantize(x, is_weight, config, dtype, packed)
     if (is_weight or config.occ or config.backward_operands == "original" or packed
             or not fused_rows(x, config.format)):
         x = rotated(x, is_weight, config, dtype)
-        return x, _quantize(x, is_weight, config, dtype, packed, kept=kept)
+        return x, _quantize(x, is_weight, config, dtype, packed)
     x = x.to(dtype)
-    return x, _quantize(x, is_weight, config, dtype, packed, config.rotation, kept)
+    return x, _quantize(x, is_weight, config, dtype, packed, config.rotation)
 
 
 def forward_operands(a, b, a_is_weight: bool, b_is_weight: bool, config: FP4Config, dtype: torch.dtype,
-                     packed: bool = False, kept: tuple[bool, bool] = (False, False)):
+                     packed: bool = False):
     """Both forward operands rotated along K (config.rotation) and quantized (``_operand``): (a, b as
-    the GEMM multiplies them, (va, oa, ra, pa, ca), (vb, ob, rb, pb, cb)); ``kept``: whether the backward
-    multiplies by each one's values (``_quantize``). With a rotation, (a D H')(b D H')^T = rotation * a
-    b^T, so A's side (its scale and OCC residual) takes the power of two out, exactly."""
-    a, (va, oa, ra, pa, ca) = _operand(a, a_is_weight, config, dtype, packed, kept[0])
-    b, qb = _operand(b, b_is_weight, config, dtype, packed, kept[1])
+    the GEMM multiplies them, (va, oa, ra, pa), (vb, ob, rb, pb)). With a rotation, (a D H')(b D H')^T =
+    rotation * a b^T, so A's side (its scale and OCC residual) takes the power of two out, exactly."""
+    a, (va, oa, ra, pa) = _operand(a, a_is_weight, config, dtype, packed)
+    b, qb = _operand(b, b_is_weight, config, dtype, packed)
     if config.rotation:
         oa, ra = oa / config.rotation, None if ra is None else ra / config.rotation
-    return a, b, (va, oa, ra, pa, ca), qb
+    return a, b, (va, oa, ra, pa), qb
 
 
-def backward_operands(a, b, va, oa, vb, ob, config: FP4Config, ca=None, cb=None):
-    """What the backward GEMMs multiply dY by, (va, oa, vb, ob): the forward's quantized operands (as
-    their codes ca, cb where the forward packed them: ``transposed_values``), or for
-    backward_operands="original" the (rotated) operands themselves with unit scales (A's taking the
+def backward_operands(a, b, va, oa, vb, ob, config: FP4Config):
+    """What the backward GEMMs multiply dY by, (va, oa, vb, ob): the forward's quantized operands, or
+    for backward_operands="original" the (rotated) operands themselves with unit scales (A's taking the
     rotation's power of two out, as in the forward)."""
     if config.backward_operands != "original":
-        return va if ca is None else ca, oa, vb if cb is None else cb, ob
+        return va, oa, vb, ob
     one = oa.new_ones(())
     return a.float(), one / config.rotation if config.rotation else one, b.float(), one
-
-
-def transposed_values(kept: torch.Tensor) -> torch.Tensor:
-    """A backward operand's values [..., M, K] as their transpose [..., K, M], the GEMM's B side: unpacked
-    from its codes [M, K / 2] (uint8) where the forward packed them, into the contiguous layout
-    _scaled_mm reads (one pass over half the bytes of a transpose of the values)."""
-    if kept.dtype != torch.uint8:
-        return kept.mT
-    from fp4compile.runtime.kernels.transpose_triton import unpack_transposed
-
-    return unpack_transposed(kept)
 
 
 def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
@@ -218,10 +192,9 @@ class FP4MatmulNT(torch.autograd.Function):
         # DGE re-derives a weight's scaled values from the weight itself (rotated again where it was).
         a_dge = a if spec.a_is_weight and cfg.dge else None
         b_dge = b if spec.b_is_weight and cfg.dge else None
-        need_a, need_b = ctx.needs_input_grad[:2]
         with torch.autocast(a.device.type, enabled=False):
-            a, b, (va, oa, ra, pa, ca), (vb, ob, rb, pb, cb) = forward_operands(
-                a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed, kept=(need_b, need_a))
+            a, b, (va, oa, ra, pa), (vb, ob, rb, pb) = forward_operands(
+                a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed)
             y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
             if ra is not None:
                 y = y + ra @ b.to(dtype).mT
@@ -229,7 +202,7 @@ class FP4MatmulNT(torch.autograd.Function):
                 y = y + (va.float() * oa).to(dtype) @ rb.mT
             if bias is not None:
                 y = y + bias.to(dtype)
-        ctx.save_for_backward(*backward_operands(a, b, va, oa, vb, ob, cfg, ca, cb), ra, rb, a_dge, b_dge)
+        ctx.save_for_backward(*backward_operands(a, b, va, oa, vb, ob, cfg), ra, rb, a_dge, b_dge)
         ctx.spec = spec
         ctx.shapes = shapes
         ctx.dtype = dtype
@@ -246,14 +219,14 @@ class FP4MatmulNT(torch.autograd.Function):
             grad_a, grad_b = _grad_operands(dy, ob, oa, cfg.grad_dtype, need_a, need_b)
             one = ob.new_ones(())
             if need_a:
-                da = scaled_gemm(*grad_a, transposed_values(vb), one, a_dtype)
+                da = scaled_gemm(*grad_a, vb.mT, one, a_dtype)
                 if a_dge is not None:
                     da = da * dge_factor(a_dge, cfg, ctx.dtype).to(a_dtype)
                 if rb is not None:
                     da = da + (dy @ rb.to(dy.dtype)).to(a_dtype)
                 da = unrotate_grad(da, cfg, a_side=True).sum_to_size(a_shape)
             if need_b:
-                db = scaled_gemm(*grad_b, transposed_values(va), one, b_dtype)
+                db = scaled_gemm(*grad_b, va.mT, one, b_dtype)
                 if b_dge is not None:
                     db = db * dge_factor(b_dge, cfg, ctx.dtype).to(b_dtype)
                 if ra is not None:

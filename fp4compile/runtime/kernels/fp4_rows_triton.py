@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fp4compile.runtime.e2m1 import E2M1_MAX
 from fp4compile.runtime.kernels.triton_operator import define
-from fp4compile.runtime.kernels.triton_quantize import absmax_scale, bf16_rne, e2m1_codes, e2m1_rne, magnitude_bits
+from fp4compile.runtime.kernels.triton_quantize import absmax_scale, bf16_rne, e2m1_rne, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
 MAX_K = 16384  # BLOCK_K FP32 values over 8 warps, 64 per thread
@@ -63,38 +63,29 @@ def _tile(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, c_ptr, K, INV_MAX: tl.constexpr,
-                MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr):
-    """Each row of x (FP32) quantized: its absmax scale, its E2M1 values and, with PACK, their codes two
-    to a byte (element 2i in the low nibble, as e2m1.pack_e2m1)."""
+def _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """Each row of x (FP32) quantized: its absmax scale, its E2M1 values."""
     amax = tl.max(magnitude_bits(x), axis=1).to(tl.float32, bitcast=True)
     scale, recip = absmax_scale(amax, INV_MAX, MIN_SCALE)
     values = e2m1_rne(x * recip[:, None])
     tl.store(v_ptr + offsets, values.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, scale, mask=rmask)
-    if PACK:
-        low, high = tl.split(tl.reshape(e2m1_codes(values), (BLOCK_M, BLOCK_K // 2, 2)))
-        pairs = tl.arange(0, BLOCK_K // 2)
-        tl.store(c_ptr + rows[:, None].to(tl.int64) * (K // 2) + pairs[None, :], low | (high << 4),
-                 mask=rmask[:, None] & (pairs < K // 2)[None, :])
 
 
 @triton.jit
-def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, c_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr):
+def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     x, offsets, rows, rmask, mask = _tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
-    _store_rows(x.to(tl.float32), offsets, rows, rmask, mask, v_ptr, s_ptr, c_ptr, K, INV_MAX, MIN_SCALE,
-                BLOCK_M, BLOCK_K, PACK)
+    _store_rows(x.to(tl.float32), offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
 
 
 @triton.jit
-def _rotated_fp4_rows_kernel(x_ptr, r_ptr, v_ptr, s_ptr, c_ptr, M, K, INV_MAX: tl.constexpr,
-                             MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP: tl.constexpr, FP32_DOT: tl.constexpr, PACK: tl.constexpr):
+def _rotated_fp4_rows_kernel(x_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                             FP32_DOT: tl.constexpr):
     x, offsets, rows, rmask, mask = _tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
     x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP, FP32_DOT)
-    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, c_ptr, K, INV_MAX, MIN_SCALE, BLOCK_M, BLOCK_K,
-                PACK)
+    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
 
 
 def _launch_shape(k: int) -> tuple[int, int, int]:
@@ -105,13 +96,11 @@ def _launch_shape(k: int) -> tuple[int, int, int]:
     return block_m, block_k, block_m * block_k // 2048
 
 
-def _fp4_rows(ex, x, rotation=None, pack=False):
+def _fp4_rows(ex, x, rotation=None):
     m, k = ex.size(x)
     width = ex.static(k)
     if width > MAX_K:
         raise ValueError(f"fp4_rows takes rows of at most {MAX_K} elements, got {k}; quantize.gemm_operand takes any")
-    if pack and width % 2:
-        raise ValueError(f"fp4_rows_packed packs two codes a byte: K must be even, got {k}; fp4_rows takes any K")
     group = 0 if rotation is None else ex.static(ex.size(rotation)[0])
     if group and (width % group or ex.dtype(rotation) != ex.dtype(x)):
         raise ValueError(f"fp4_rows rotates rows of {k} elements in groups of {group} with a matrix of x's dtype "
@@ -119,30 +108,19 @@ def _fp4_rows(ex, x, rotation=None, pack=False):
     block_m, block_k, warps = _launch_shape(width)
     x = ex.contiguous(x)
     values, scale = ex.empty((m, k), torch.float8_e4m3fn), ex.empty((m, 1), torch.float32)
-    codes = ex.empty((m, width // 2), torch.uint8) if pack else None
-    # Without PACK the kernel never touches c_ptr: any buffer will do.
-    args = {"x_ptr": x, "v_ptr": values, "s_ptr": scale, "c_ptr": scale if codes is None else codes, "M": m, "K": k}
+    args = {"x_ptr": x, "v_ptr": values, "s_ptr": scale, "M": m, "K": k}
     meta = {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-            "PACK": pack, "num_warps": warps}
+            "num_warps": warps}
     if m and group:
         ex.run(_rotated_fp4_rows_kernel, (ex.cdiv(m, block_m),), {**args, "r_ptr": ex.contiguous(rotation)},
                {**meta, "GROUP": group, "FP32_DOT": os.environ.get("TRITON_INTERPRET") == "1"})
     elif m:
         ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),), args, meta)
-    return (values, scale) if codes is None else (values, scale, codes)
-
-
-def _fake(x, rotation=None):
-    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+    return values, scale
 
 
 # x [M, K] (CUDA, 0 < K <= MAX_K), optionally a [G, G] rotation of x's dtype (G dividing K) -> (E2M1
 # values in float8_e4m3fn [M, K], FP32 scale [M, 1]): gemm_operand(x, "vector"), or of hadamard.rotate(x, G).
-fp4_rows = define("fp4_rows(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor)", _fp4_rows, _fake)
-
-# fp4_rows, and the values' codes two to a byte, [M, K / 2] uint8 (K even): what the backward keeps of an
-# activation (e2m1.pack_e2m1 of e2m1.encode_e2m1; kernels/transpose_triton.unpack_transposed reads them).
-fp4_rows_packed = define(
-    "fp4_rows_packed(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor, Tensor)",
-    lambda ex, x, rotation=None: _fp4_rows(ex, x, rotation, pack=True),
-    lambda x, rotation=None: (*_fake(x), x.new_empty((x.shape[0], x.shape[1] // 2), dtype=torch.uint8)))
+fp4_rows = define("fp4_rows(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor)", _fp4_rows,
+                  lambda x, rotation=None: (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+                                            x.new_empty((x.shape[0], 1), dtype=torch.float32)))

@@ -1,6 +1,4 @@
-"""Tiled transposes of 1-byte operands for _scaled_mm's layouts: of a contiguous 2-D tensor, and of
-E2M1 codes packed two to a byte into their float8_e4m3fn values (what the backward keeps of an
-activation, unpacked into the layout its weight-gradient GEMM reads).
+"""A tiled transpose of a contiguous 2-D tensor of 1-byte elements, for _scaled_mm's operand layouts.
 
 Why a kernel of our own: given ``.contiguous()`` on a transposed view, Inductor fuses the copy into the
 quantize kernel that produced the operand as a loop whose stores walk down a column, one byte per thread
@@ -15,12 +13,10 @@ q/k/v's or gate/up's input), where a traced triton_op writes into a fresh ``empt
 CSE never merges; Inductor then launches the kernel from its generated code.
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from fp4compile.runtime.kernels.triton_operator import define
-from fp4compile.runtime.kernels.triton_quantize import e2m1_code_bits
 
 _TILE = 128
 
@@ -48,35 +44,3 @@ def _transpose_bytes(ex, x):
 # x [R, C] (1-byte dtype, CUDA) -> x.t().contiguous() [C, R].
 transpose_bytes = define("transpose_bytes(Tensor x) -> Tensor", _transpose_bytes,
                          lambda x: x.new_empty((x.shape[1], x.shape[0])))
-
-
-@triton.jit
-def _unpack_transpose_tiles(c_ptr, y_ptr, R, P, TILE: tl.constexpr):
-    """codes [R, P] (two a byte, element 2i in the low nibble) -> y [2P, R], their E4M3 bytes."""
-    rows = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    pairs = tl.program_id(1) * (TILE // 2) + tl.arange(0, TILE // 2)
-    packed = tl.load(c_ptr + rows[:, None].to(tl.int64) * P + pairs[None, :],
-                     mask=(rows[:, None] < R) & (pairs[None, :] < P), other=0).to(tl.int32)
-    tile = e2m1_code_bits(tl.reshape(tl.join(packed & 0xF, packed >> 4), (TILE, TILE)))
-    cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
-    mask = (cols[:, None] < 2 * P) & (rows[None, :] < R)
-    tl.store(y_ptr + cols[:, None].to(tl.int64) * R + rows[None, :],
-             tl.trans(tile).to(y_ptr.dtype.element_ty, bitcast=True), mask=mask)
-
-
-def _unpack_transposed(ex, codes):
-    rows, pairs = ex.size(codes)
-    codes = ex.contiguous(codes)
-    out = ex.empty((2 * pairs, rows), torch.float8_e4m3fn)
-    if rows and pairs:
-        grid = (ex.cdiv(rows, _TILE), ex.cdiv(pairs, _TILE // 2))
-        ex.run(_unpack_transpose_tiles, grid, {"c_ptr": codes, "y_ptr": ex.as_bytes(out), "R": rows, "P": pairs},
-               {"TILE": _TILE, "num_warps": 4})
-    return out
-
-
-# codes [R, P] (uint8, two E2M1 codes a byte as fp4_rows_packed writes them; CUDA) -> their values in
-# float8_e4m3fn, transposed: [2P, R], decode_e2m1(unpack_e2m1(codes)).t() in E4M3, contiguous.
-unpack_transposed = define("unpack_transposed(Tensor codes) -> Tensor", _unpack_transposed,
-                           lambda codes: codes.new_empty((2 * codes.shape[1], codes.shape[0]),
-                                                         dtype=torch.float8_e4m3fn))

@@ -1,6 +1,5 @@
 """The reference quantizers' formulas restated for Triton kernels (Triton cannot call torch): absmax
-scales and their reciprocals (quantize.py, fp8.py), E2M1 rounding and codes (e2m1.py), E4M3 and BF16
-rounding.
+scales and their reciprocals (quantize.py, fp8.py), E2M1 rounding (e2m1.py), E4M3 and BF16 rounding.
 E4M3 and BF16 rounding are integer arithmetic rather than casts, so that the result is the same wherever
 the kernel runs (Triton's interpreter does not round float8 casts and truncates BF16 ones); E2M1 values
 are exact in any float8."""
@@ -72,23 +71,3 @@ def e2m1_rne(v):
     q = ((mag * inverse + 8388608.0) - 8388608.0) * step  # x + 2^23 - 2^23: rint(x), ties to even, x < 2^23
     sign = v.to(tl.int32, bitcast=True) & -2147483648  # -2147483648 = 0x80000000
     return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def e2m1_codes(v):
-    """e2m1.encode_e2m1: E2M1 values (FP32) as 4-bit codes in uint8, the sign (of a zero too) in bit 3.
-    A NaN (its row's scale is NaN too, so every product with it is NaN anyway) gets magnitude code 7."""
-    mag = tl.abs(v)
-    index = tl.where(mag < 2.0, mag * 2.0, tl.where(mag < 4.0, mag + 2.0, mag * 0.5 + 4.0))
-    index = tl.where(mag == mag, index, 7.0)
-    sign = (v.to(tl.int32, bitcast=True) >> 28) & 8
-    return (index.to(tl.int32) | sign).to(tl.uint8)
-
-
-@triton.jit
-def e2m1_code_bits(c):
-    """4-bit E2M1 codes (int32) as the float8_e4m3fn bytes of their values (uint8): 0 and 0.5 by name,
-    the normals' exponent moved from E2M1's bias 1 to E4M3's 7 and their mantissa bit to E4M3's top one."""
-    m = c & 7
-    bits = tl.where(m < 2, m * 0x30, (((m >> 1) + 6) << 3) | ((m & 1) << 2))
-    return (bits | ((c & 8) << 4)).to(tl.uint8)
