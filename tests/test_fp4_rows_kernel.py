@@ -110,7 +110,8 @@ def test_rows_too_wide_name_the_reference():
 def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
     """On any machine: the kernel builds for sm_90 and sm_100 at the launch shape the operator picks,
     with an IEEE division for each row's reciprocal and Hopper's E4M3 conversion instruction; with a
-    rotation, its dot on BF16 tensor cores (wgmma / tcgen05 kind::f16) rather than FP32 FMAs."""
+    rotation, its dot on BF16 tensor cores (wgmma / tcgen05 kind::f16) rather than FP32 FMAs; without,
+    16-byte loads and stores and no tile moved through shared memory."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -122,12 +123,17 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
     pointers = {"x_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
     signature = {**pointers, "M": "i32", "K": "i32", **{name: "constexpr" for name in constexprs}}
     kernel = rows._rotated_fp4_rows_kernel if group else rows._fp4_rows_kernel
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+    # pointers and K divisible by 16, as Triton specializes them at run time
+    aligned = {(list(signature).index(name),): [["tt.divisibility", 16]] for name in (*pointers, "K")}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned),
                               target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert bool(group) == bool(re.search(r"mma\S*\.bf16|tcgen05\.mma\S*kind::f16", ptx))
     assert len(compiled.asm["cubin"]) > 0
+    if not group:  # the one layout conversion: each row's scale, to store it
+        assert re.search(r"ld\.global\.v4", ptx) and re.search(r"st\.global\.v4", ptx)
+        assert compiled.asm["ttgir"].count("ttg.convert_layout") == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
