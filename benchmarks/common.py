@@ -24,6 +24,8 @@ VARIANTS = {
     "bf16_eager": None,
     "bf16_inductor": "inductor",
     "fp4_occ_off": FP4Config.from_recipe_name("dge"),
+    "fp4_occ_off_recompute": FP4Config.from_recipe_name("dge", recompute_activations=True),
+    "fp4_occ_off_recompute_all": FP4Config.from_recipe_name("dge", recompute_activations=True, recompute_weights=True),
     "fp4_occ_on": FP4Config.from_recipe_name("paper"),
     "fp4_rotated": FP4Config.from_recipe_name("rotated"),
     "fp4_recompute": FP4Config.from_recipe_name("rotated", recompute_activations=True),
