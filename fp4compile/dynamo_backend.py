@@ -72,6 +72,18 @@ def inductor_patches(mode: str | None = None, options: dict | None = None, cuda:
     return patches
 
 
+def cpu_vector_width(patches: dict) -> dict:
+    """``cpp.simdlen`` = 256 where Inductor would vectorize CPU code with AVX512 and the options name no
+    width: torch 2.13's AVX512 code for a kernel of two 16-bit transposed copies (a backward storing
+    W^T and X^T) stored wrong values, NaN among them (tests/test_backend.py). Same bits at AVX2 width."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
+
+    if "cpp.simdlen" in patches or config.cpp.simdlen is not None or pick_vec_isa().bit_width() != 512:
+        return {}
+    return {"cpp.simdlen": 256} if any(isa.bit_width() == 256 for isa in valid_vec_isa_list()) else {}
+
+
 def cpp_wrapper_settings(patches: dict) -> dict:
     """The Triton settings the C++ wrapper needs (``store_cubin``, ``autotune_at_compile_time``...), as
     Inductor derives them under ``patches``. Inductor applies them around the forward's compile only;
@@ -118,7 +130,8 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
     ``inner`` compiles the rewritten graph: "inductor" (generated Triton/C++ code, with Inductor's default
     settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor",
     except ``emulate_precision_casts``, on by default: generated kernels round where eager code does,
-    and on CUDA the C++ wrapper, on unless CUDA graphs are asked for), or
+    on CUDA the C++ wrapper, on unless CUDA graphs are asked for, and on CPU AVX2-wide vectors where
+    Inductor would pick AVX512: ``cpu_vector_width``), or
     "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for debugging)."""
     config = config or FP4Config()
     if inner not in INNER_COMPILERS:
@@ -135,6 +148,8 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
             # Fused kernels round where eager rounds (to BF16: DGE's factor, a rotated weight recomputed for
             # DGE): without it Inductor skips those casts and the weight gradients drift from eager's.
             patches.setdefault("emulate_precision_casts", True)
+            if not on_cuda(example_inputs):
+                patches.update(cpu_vector_width(patches))
             if config.rotation or config.recompute_activations or config.recompute_weights:
                 previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
                 patches["joint_custom_pre_pass"] = RecomputeTagged(previous)

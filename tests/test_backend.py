@@ -121,11 +121,12 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     torch.testing.assert_close(fp4compile.compile(model, options={"coordinate-descent-tuning": True})(x), want)
     # The default recipe rotates: its joint-graph pass rides along with whatever else is asked for.
     assert all(isinstance(p.pop("joint_custom_pre_pass"), RecomputeTagged) for p in patches)
-    exact = {"emulate_precision_casts": True}
+    exact = {"emulate_precision_casts": True, **dynamo_backend.cpu_vector_width({})}
     assert patches == [exact, {**exact, "triton.cudagraphs": True}, {**exact, "coordinate_descent_tuning": True}]
     torch._dynamo.reset()
-    torch.compile(model, backend="fp4", options={"emulate_precision_casts": False})(x)
-    assert patches[-1].pop("joint_custom_pre_pass") and patches[-1] == {"emulate_precision_casts": False}
+    torch.compile(model, backend="fp4", options={"emulate_precision_casts": False, "cpp.simdlen": 512})(x)
+    assert patches[-1].pop("joint_custom_pre_pass") and patches[-1] == {"emulate_precision_casts": False,
+                                                                         "cpp.simdlen": 512}
     assert inductor_patches("max-autotune-no-cudagraphs") == {"max_autotune": True, "coordinate_descent_tuning": True}
     for kwargs, message in (({"options": {"no_such_option": 1}}, "unknown Inductor option 'no_such_option'"),
                             ({"mode": "fastest"}, "Unrecognized mode=fastest")):
@@ -135,6 +136,19 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="which inner='aot_eager' does not use"):
         torch.compile(model, backend=fp4compile.backend(inner="aot_eager"), mode="max-autotune")(x)
+
+
+def test_cpu_kernels_storing_two_transposed_16_bit_copies_store_their_values():
+    # A backward stores W^T and X^T so; torch 2.13's AVX512 code for such a kernel stored wrong values,
+    # NaN among them: the backend vectorizes CPU graphs at AVX2 width there (cpu_vector_width).
+    a, b = (torch.randn(n, 128, dtype=torch.bfloat16).t() for n in (128, 256))
+
+    def copies(a, b):
+        return a.contiguous(), b.contiguous()
+
+    torch._dynamo.reset()
+    for got, want in zip(torch.compile(copies, backend="fp4")(a, b), copies(a, b)):
+        assert torch.equal(got, want)
 
 
 def test_include_exclude_filters():
