@@ -75,7 +75,7 @@ def inductor_patches(mode: str | None = None, options: dict | None = None, cuda:
 def cpu_vector_width(patches: dict) -> dict:
     """``cpp.simdlen`` = 256 where Inductor would vectorize CPU code with AVX512 and the options name no
     width: torch 2.13's AVX512 code for a kernel of two 16-bit transposed copies (a backward storing
-    W^T and X^T) stored wrong values, NaN among them (tests/test_backend.py). Same bits at AVX2 width."""
+    W^T and X^T) stored wrong values, NaN among them (tests/test_backend.py); at AVX2 width they are right."""
     from torch._inductor import config
     from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
 
