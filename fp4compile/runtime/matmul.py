@@ -63,11 +63,9 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
     kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
     into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: the
-    activation rotated inside its quantize kernel (``_operand``). Activations go through the kernel where
-    it runs (``fused_rows``): Inductor fuses the reference into their producers as a looped reduction that
-    reads each row twice (kernels/fp4_rows_triton.py). Weights stay with Inductor: through the kernel their
-    quantize took less GPU time, but the step more (CHANGELOG.md, when each call went through the
-    dispatcher), and DGE's backward shares their scales by AOTAutograd's CSE. With
+    activation rotated inside its quantize kernel (``_operand``). Activations and weights go through the
+    kernel where it runs (``fused_rows``): Inductor's reference reads each row twice, and computes an
+    activation's producer twice where it fuses the two (kernels/fp4_rows_triton.py). With
     config.recompute_activations (recompute_weights) an activation's (a weight's) quantize is recomputed in
     the backward (``recomputed``)."""
     residual = None
@@ -88,7 +86,7 @@ def _quantized(x, is_weight: bool, config: FP4Config, packed: bool, rotation: in
         values, outer = gemm_values(rows)
         outer = outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
         return values.reshape(x.shape), outer, rows
-    if rotation is not None or not is_weight and fused_rows(x, config.format):
+    if rotation is not None or fused_rows(x, config.format):
         return (*_rows_operand(x, rotation), None)
     return (*gemm_operand(x, config.format), None)
 
@@ -145,12 +143,13 @@ def backward_operands(a, b, va, oa, vb, ob, config: FP4Config):
     return a.float(), one / config.rotation if config.rotation else one, b.float(), one
 
 
-def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype) -> torch.Tensor:
+def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype, outer: torch.Tensor | None = None):
     """DGE's f'(w / scale) of weight ``w``, in the domain its quantized values came from: rotated (in the
-    forward's ``dtype``) where config.rotation is set."""
+    forward's ``dtype``) where config.rotation is set. ``outer``: the forward's outer scale of w, which
+    ``scaled_domain`` takes as w's scales where it is the only one."""
     if config.rotation:
         w = rotated(w, True, config, dtype)
-    return dge_derivative(scaled_domain(w, config.format), config.dge_k, config.dge_clip)
+    return dge_derivative(scaled_domain(w, config.format, outer), config.dge_k, config.dge_clip)
 
 
 def unrotate_grad(grad: torch.Tensor, config: FP4Config, a_side: bool) -> torch.Tensor:
@@ -196,13 +195,16 @@ class FP4MatmulNT(torch.autograd.Function):
             a, b, (va, oa, ra, pa), (vb, ob, rb, pb) = forward_operands(
                 a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed)
             y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
+            # DGE's scales are the forward's (A's times the rotation's power of two again: exact).
+            a_outer = None if a_dge is None else oa * cfg.rotation if cfg.rotation else oa
+            b_outer = None if b_dge is None else ob
             if ra is not None:
                 y = y + ra @ b.to(dtype).mT
             if rb is not None:
                 y = y + (va.float() * oa).to(dtype) @ rb.mT
             if bias is not None:
                 y = y + bias.to(dtype)
-        ctx.save_for_backward(*backward_operands(a, b, va, oa, vb, ob, cfg), ra, rb, a_dge, b_dge)
+        ctx.save_for_backward(*backward_operands(a, b, va, oa, vb, ob, cfg), ra, rb, a_dge, b_dge, a_outer, b_outer)
         ctx.spec = spec
         ctx.shapes = shapes
         ctx.dtype = dtype
@@ -210,7 +212,7 @@ class FP4MatmulNT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        va, oa, vb, ob, ra, rb, a_dge, b_dge = ctx.saved_tensors
+        va, oa, vb, ob, ra, rb, a_dge, b_dge, a_outer, b_outer = ctx.saved_tensors
         cfg = ctx.spec.config
         a_shape, a_dtype, b_shape, b_dtype, bias_meta = ctx.shapes
         need_a, need_b, need_bias, _ = ctx.needs_input_grad
@@ -221,14 +223,14 @@ class FP4MatmulNT(torch.autograd.Function):
             if need_a:
                 da = scaled_gemm(*grad_a, vb.mT, one, a_dtype)
                 if a_dge is not None:
-                    da = da * dge_factor(a_dge, cfg, ctx.dtype).to(a_dtype)
+                    da = da * dge_factor(a_dge, cfg, ctx.dtype, a_outer).to(a_dtype)
                 if rb is not None:
                     da = da + (dy @ rb.to(dy.dtype)).to(a_dtype)
                 da = unrotate_grad(da, cfg, a_side=True).sum_to_size(a_shape)
             if need_b:
                 db = scaled_gemm(*grad_b, va.mT, one, b_dtype)
                 if b_dge is not None:
-                    db = db * dge_factor(b_dge, cfg, ctx.dtype).to(b_dtype)
+                    db = db * dge_factor(b_dge, cfg, ctx.dtype, b_outer).to(b_dtype)
                 if ra is not None:
                     db = db + (dy.mT @ ra.to(dy.dtype)).to(b_dtype)
                 db = unrotate_grad(db, cfg, a_side=False).sum_to_size(b_shape)

@@ -288,9 +288,13 @@ def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", genera
     return (values * stored.float()).reshape(x.shape).to(torch.bfloat16), tensor_scale
 
 
-def scaled_domain(x: torch.Tensor, format: str) -> torch.Tensor:
-    """``x`` divided by its scales along the last dim, before rounding: the [-6, 6] domain DGE works in."""
+def scaled_domain(x: torch.Tensor, format: str, outer: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` divided by its scales along the last dim, before rounding: the [-6, 6] domain DGE works in.
+    ``outer``: ``gemm_operand(x, format)``'s outer scale, taken as x's scales where it is the only one
+    ("vector", "tensor"; the same bits as computing them again), so no reduction over x runs again."""
     fmt = get_format(format)
+    if outer is not None and fmt.name in ("vector", "tensor"):
+        return x.float() * reciprocal(outer)
     xb = _blocked(x, fmt, max(x.dim() - 1, 0))
     scale, _, _ = _scales(xb, fmt)
     return to_scaled_domain(xb, scale, fmt).reshape(x.shape)
