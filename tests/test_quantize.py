@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fp4compile import QuantizedTensor, fake_quantize, quantize
 from fp4compile.runtime import e2m1
+from fp4compile.runtime.quantize import gemm_operand, scaled_domain
 
 FORMATS = ("tensor", "vector", "mxfp4", "nvfp4")
 BLOCK = {"tensor": None, "vector": None, "mxfp4": 32, "nvfp4": 16}
@@ -467,3 +468,18 @@ def test_quantize_stochastic_unbiased(fmt):
 def test_unknown_rounding():
     with pytest.raises(ValueError, match="nearest"):
         fake_quantize(torch.ones(4), rounding="up")
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=cases(), nan=st.booleans())
+def test_scaled_domain_takes_the_forward_outer_scale(case, nan):
+    """DGE's scaled weight from the forward's outer scale (gemm_operand's) is the one computed from the
+    weight again, bit for bit, NaN rows included; the block formats ignore it (their scales vary along K)."""
+    x, fmt, dim = case
+    x = x.movedim(dim, -1).contiguous()  # along K, the last dim
+    if nan:
+        x.view(-1)[0] = float("nan")
+    _, outer = gemm_operand(x, fmt)
+    assert_bitwise_equal(scaled_domain(x, fmt, outer), scaled_domain(x, fmt))
+    if fmt in ("vector", "tensor"):  # taken, not computed again
+        assert_bitwise_equal(scaled_domain(x, fmt, torch.ones_like(outer)), x.float())
