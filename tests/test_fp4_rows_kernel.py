@@ -142,11 +142,11 @@ def test_custom_op_schema_and_fake_match_the_kernel():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def _step(kernels: bool, recompute_activations: bool = False, activation: str = "GELU") -> tuple[list, list]:
+def _step(kernels: bool, recompute: bool = False, activation: str = "GELU") -> tuple[list, list]:
     """A compiled MLP's step with the default recipe on the CPU, FP32 weights under BF16 autocast (as
     train_lm.py trains): outputs and gradients, and the (dtype, shape) of what it saves for the backward
     (weights left out). ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows),
-    its kernels run in Triton's interpreter; ``recompute_activations``: that option on; ``activation``:
+    its kernels run in Triton's interpreter; ``recompute``: recompute_activations and recompute_weights on; ``activation``:
     the torch.nn module between the two linears."""
     import torch.nn as nn
 
@@ -164,7 +164,7 @@ def _step(kernels: bool, recompute_activations: bool = False, activation: str = 
                               nn.Linear(768, 256, bias=False))
         x = (torch.randint(-16, 17, (64, 256)) / 8).requires_grad_()  # dyadic: exact rotations
         saved = {}
-        config = FP4Config(recompute_activations=recompute_activations)
+        config = FP4Config(recompute_activations=recompute, recompute_weights=recompute)
         compiled = torch.compile(model, backend=fp4compile.backend(config))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with torch.autograd.graph.saved_tensors_hooks(
@@ -190,14 +190,16 @@ def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
     (got, saved), (want, kept) = results["kernels"], results["reference"]
     assert got == want
     assert [t for t in saved if 64 in t[1]] == [t for t in kept if 64 in t[1]]
-    # With recompute_activations the backward runs fp4_rows again on the input and the ReLU output (which
-    # ReLU's backward keeps): no FP8 values of the 64 tokens kept, and the same outputs and gradients.
+    # With both recompute options the backward runs fp4_rows again on the input, the ReLU output (which
+    # ReLU's backward keeps) and each weight: no FP8 values kept, and the same outputs and gradients.
     # ReLU, not GELU: a GELU recomputed in the backward's kernel rounded differently from the forward's
     # with torch 2.11 on the CPU, a difference of Inductor's, not of the quantize recomputed.
     (got, saved), (want, kept) = results["recomputed"], results["kernels_relu"]
     assert got == want
-    assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn" and 64 in shape]
+    assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn"]
     assert [shape for dtype, shape in kept if dtype == "torch.float8_e4m3fn" and 64 in shape]
+    assert sorted(shape for dtype, shape in kept if dtype == "torch.float8_e4m3fn" and 64 not in shape) == [
+        [256, 768], [768, 256]]
 
 
 if __name__ == "__main__":
