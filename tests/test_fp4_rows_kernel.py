@@ -145,9 +145,9 @@ def test_custom_op_schema_and_fake_match_the_kernel():
 def _step(kernels: bool, recompute: bool = False, activation: str = "GELU") -> tuple[list, list]:
     """A compiled MLP's step with the default recipe on the CPU, FP32 weights under BF16 autocast (as
     train_lm.py trains): outputs and gradients, and the (dtype, shape) of what it saves for the backward
-    (weights left out). ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows),
-    its kernels run in Triton's interpreter; ``recompute``: recompute_activations and recompute_weights on; ``activation``:
-    the torch.nn module between the two linears."""
+    (weights left out). ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows,
+    weights quantized by it), its kernels run in Triton's interpreter; ``recompute``: recompute_activations
+    and recompute_weights on; ``activation``: the torch.nn module between the two linears."""
     import torch.nn as nn
 
     import fp4compile

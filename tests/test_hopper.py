@@ -395,9 +395,9 @@ def test_compiled_step_transposes_shared_inputs_once_and_writes_dy_once():
 def test_rotated_recipe_rotates_activations_inside_their_quantize():
     """The rotated recipe's compiled step: each shared activation (x, h, the SwiGLU output) rotated and
     quantized by one fused kernel launched from Inductor's code, each weight quantized by the kernel
-    after its rotation (a GEMM, which DGE's backward recomputes) (numerics against the CPU's rotation
+    after its rotation GEMM, which DGE's backward recomputes. Numerics against the CPU's rotation
     GEMMs: test_compiled_fp4_linear_on_cuda_matches_cpu_reference; through several layers the two
-    paths' last-bit differences flip FP4 and E5M2 roundings, so whole steps are not compared)."""
+    paths' last-bit differences flip FP4 and E5M2 roundings, so whole steps are not compared."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()

@@ -128,7 +128,8 @@ class FP4GroupedMM(torch.autograd.Function):
             y = grouped_gemm(vx, ox, vw, ow, offs, dtype)
             if rx is not None:
                 y = y + high_precision_grouped(rx, w, offs, dtype)
-        ctx.save_for_backward(*backward_operands(x, w, vx, ox, vw, ow, cfg), rx, w_dge, None if w_dge is None else ow, offs)
+        w_outer = None if w_dge is None else ow  # DGE's scales: the forward's
+        ctx.save_for_backward(*backward_operands(x, w, vx, ox, vw, ow, cfg), rx, w_dge, w_outer, offs)
         ctx.spec = spec
         return y
 

@@ -1,13 +1,14 @@
-"""An activation's FP4 GEMM operand in the "vector" format, one read of each row: its absmax scale, the
-E2M1 values in float8_e4m3fn; the bits of ``quantize.gemm_operand(x, "vector")`` (CUDA, Triton).
+"""An activation's or a weight's FP4 GEMM operand in the "vector" format, one read of each row: its absmax
+scale, the E2M1 values in float8_e4m3fn; the bits of ``quantize.gemm_operand(x, "vector")`` (CUDA, Triton).
 
-Why a kernel: Inductor fuses the reference into the activation's producer as a looped reduction that
-reads each row twice and computes the producer twice (for the SwiGLU output: silu and the product of
-both inputs, per element, twice), and stores the values once per kernel that reads them: for the
-SwiGLU output that cost more than twice BF16's silu-multiply (CHANGELOG.md). Here the producer is stored once in the activation's dtype, as BF16 stores it,
-and each program holds BLOCK_M whole rows in registers (BLOCK_K, the next power of two of K, at most
-MAX_K). An operator of kernels/triton_operator.py, as kernels/transpose_triton.py says why: AOTAutograd's
-CSE merges the calls for an input several sites share (q/k/v's, gate/up's).
+Why a kernel: Inductor fuses the reference into the activation's producer as a looped reduction that reads
+each row twice and computes the producer twice (for the SwiGLU output: silu and the product of both inputs,
+per element, twice), and stores the values once per kernel that reads them: for the SwiGLU output that cost
+more than twice BF16's silu-multiply (CHANGELOG.md). Here the producer is stored once in the activation's
+dtype, as BF16 stores it, and each program holds BLOCK_M whole rows in registers (BLOCK_K, the next power of
+two of K, at most MAX_K). A weight is read once where Inductor's reduction read it twice. An operator of
+kernels/triton_operator.py, as kernels/transpose_triton.py says why: AOTAutograd's CSE merges the calls for an
+input several sites share (q/k/v's, gate/up's).
 
 With a rotation matrix (``FP4Config.rotation``: hadamard.rotation_matrix, [G, G] in x's dtype), each row
 is first multiplied by it in groups of G along K (one tensor-core dot per program in x's dtype, FP32
