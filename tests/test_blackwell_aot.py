@@ -24,10 +24,11 @@ from triton.runtime import interpreter  # noqa: E402
 from fp4compile import aot  # noqa: E402
 from fp4compile.cli import main  # noqa: E402
 from fp4compile.runtime import e2m1, gemm  # noqa: E402
+from fp4compile.runtime.hadamard import random_signs  # noqa: E402
 from fp4compile.runtime.kernels import blackwell as bw  # noqa: E402
 from fp4compile.runtime.kernels import blackwell_quantize as bq  # noqa: E402
-from fp4compile.runtime.eden import ms_eden_operand  # noqa: E402
-from fp4compile.runtime.quantize import fake_quantize, gemm_operand, tiles_operand  # noqa: E402
+from fp4compile.runtime.kernels import rotate_quantize as rq  # noqa: E402
+from fp4compile.runtime.quantize import fake_quantize, gemm_operand, tiles_operand, tiles_quantized  # noqa: E402
 
 U32 = 2.0**-24  # FP32 unit roundoff
 
@@ -399,28 +400,32 @@ def test_cpu_op_and_compile_match_reference():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), shift=st.integers(-24, 12),
-       rounding=st.sampled_from(["nearest", "stochastic", "eden", "tiles"]))
-def test_split_nvfp4_recovers_codes_and_scales_exactly(seed, shift, rounding):
-    """The unbiased recipes hand NVFP4 operands to the native GEMM as BF16 products of values and block
-    scales; split_nvfp4 must find codes and E4M3 scales that decode to exactly those products, for every
-    quantizer that writes them, over magnitudes down to E4M3's subnormal scales, with zero blocks; a block
-    holding a NaN or inf decodes to NaN."""
+@given(seed=st.integers(0, 2**16), shift=st.integers(-24, 12), special=st.booleans(),
+       quantizer=st.sampled_from(["nearest", "stochastic", "eden", "tiles", "transposed tiles"]))
+def test_packed_nvfp4_operands_decode_to_their_values(seed, shift, special, quantizer):
+    """On the native kernel the unbiased recipes' operands are quantized into codes and E4M3 scales (the
+    reference's ``packed`` form; for nvidia's dX, a tiled weight's transposed by ``transposed_tiles``):
+    they must decode to exactly the BF16 values x block scales the other paths multiply, with the same
+    tensor scale, over magnitudes down to E4M3's subnormal scales, with zero blocks, -0 and non-finite
+    inputs (NaN where the values are NaN)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(32, 64, generator=gen) * 2.0**shift * torch.rand(32, 1, generator=gen)
-    x[1, :16] = 0
-    if rounding == "eden":
-        values, _ = ms_eden_operand(x, 64, gen)
-    elif rounding == "tiles":
-        values, _ = tiles_operand(x)
+    x[1, :16], x[4, 3] = 0, -0.0
+    if special:
+        x[2, 20], x[3, 40] = torch.nan, torch.inf
+    if quantizer.endswith("tiles"):
+        packed = bq.from_quantized(tiles_quantized(x))
+        values, ts = tiles_operand(x)
+        if quantizer == "transposed tiles":
+            packed, (values, ts) = bq.transposed_tiles(packed), tiles_operand(x.T.contiguous())
     else:
-        values, _ = gemm_operand(x, "nvfp4", rounding, gen)
-    values[2, 20], values[3, 40] = torch.nan, torch.inf  # a diverged gradient must stay poisoned
-    packed, scales = bq.split_nvfp4(values)
-    assert packed.dtype == torch.uint8 and scales.dtype == torch.float8_e4m3fn and scales.shape == (32, 4)
-    decoded, finite = bq.unpack_operand(bq.PackedOperand(packed, scales, None, "nvfp4")), scales.float().isfinite()
-    assert torch.equal(decoded[finite.repeat_interleave(16, -1)], values.float()[finite.repeat_interleave(16, -1)])
-    assert (~finite).sum() == 2 and decoded[2, 16:32].isnan().all() and decoded[3, 32:48].isnan().all()
+        signs = random_signs(64, generator=gen) if quantizer == "eden" else None
+        packed = rq.reference(x, signs, quantizer, torch.Generator().manual_seed(seed), packed=True)
+        values, ts = rq.reference(x, signs, quantizer, torch.Generator().manual_seed(seed))
+    assert packed.packed.dtype == torch.uint8 and packed.scales.dtype == torch.float8_e4m3fn
+    decoded, decoded_ts = bq.gemm_values(packed)
+    assert decoded.dtype == values.dtype == torch.bfloat16 and decoded.shape == values.shape
+    assert bits_equal(decoded.float(), values.float(), False) and bits_equal(decoded_ts, ts, False)
 
 
 @settings(max_examples=40, deadline=None)

@@ -160,15 +160,17 @@ def test_sm120_and_sm110_take_no_native_fp4_path():
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("recipe", ["nvidia_nvfp4", "quartet2"])
 @pytest.mark.parametrize("b_shape", [(48, 64), (3, 48, 64)])
-def test_nvfp4_gemm_runs_the_path_plan_gives(monkeypatch, executed, capability, b_shape):
-    """The unbiased recipes' NVFP4 GEMMs: operands given as values in BF16 and tensor scales."""
-    (va, sa), (vb, sb) = gemm_operand(torch.randn(3, 40, 64), "nvfp4"), gemm_operand(torch.randn(b_shape), "nvfp4")
-    expected = gemm.nvfp4_gemm(va, sa, vb, sb)
+def test_unbiased_forward_runs_the_path_plan_gives(monkeypatch, executed, capability, recipe, b_shape):
+    """The unbiased recipes' forward (NVFP4 operands): the path plan gives, with the CPU's numerics."""
+    a, b = torch.randn(3, 40, 64), torch.randn(b_shape)
+    spec = MatmulSpec(FP4Config.from_recipe_name(recipe), b_is_weight=False)
+    expected = fp4_matmul_nt(a, b, None, spec)
     executed.clear()
     device = _on(monkeypatch, capability)
-    got = gemm.nvfp4_gemm(va, sa, vb, sb)
-    assert executed == [gemm.plan(device, capability, "nvfp4", va.shape, vb.shape)[0]]
+    got = fp4_matmul_nt(a, b, None, spec)
+    assert executed == [gemm.plan(device, capability, "nvfp4", a.shape, b.shape)[0]]
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -4,13 +4,16 @@ imported), and on a CUDA device.
 
 Bit-exact where the rotation is exact in FP32 (integer inputs, groups 16 and 64: Hadamard entries 1/4 and
 1/8) or absent (nvidia's unrotated dA operand, any input), with an operand scale multiplied in as x is
-read, and with a NaN or inf planted (NaN exactly where the reference has NaN). On rotated general inputs
+read, and with a NaN or inf planted (NaN exactly where the reference has NaN); in both outputs, BF16
+values times block scales and the packed codes and scale bytes of the native FP4 GEMM (which must decode
+to the same values). On rotated general inputs
 the rotation's FP32 sums run in another order than torch's, and a value within an ulp of a rounding
 boundary may round the other way, so there the test bounds the fraction of differing values. Run as ``TRITON_INTERPRET=1 python tests/test_rotate_quantize.py``, this file prints the
 interpreter results as JSON.
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -18,7 +21,9 @@ from conftest import run_interpreted
 
 triton = pytest.importorskip("triton")
 
+from fp4compile.runtime import e2m1  # noqa: E402
 from fp4compile.runtime.hadamard import random_signs  # noqa: E402
+from fp4compile.runtime.kernels import blackwell_quantize as bq  # noqa: E402
 from fp4compile.runtime.kernels import rotate_quantize as rq  # noqa: E402
 
 # (rounding, group: None = not rotated, integer input, a scale x is multiplied by as it is read, a NaN
@@ -57,8 +62,20 @@ def _compare(rounding: str, group: int | None, integer: bool, scale: float | Non
     dtype, ref_v, got_v = str(got_v.dtype), ref_v.float(), got_v.float()
     differing = (ref_v != got_v) & ~(ref_v.isnan() & got_v.isnan())
     same_scale = torch.allclose(ref_s.float(), got_s.float(), rtol=0, atol=0, equal_nan=True)
+    # The packed form (the native kernel's codes and scale bytes), same draws: it must decode to the
+    # values the kernel writes, and hold the reference's bytes in every block not poisoned.
+    ref_p = rq.reference(x, signs, rounding, torch.Generator(device).manual_seed(5), x_scale, packed=True)
+    got_p = rq.rotate_quantize(x, signs, rounding, torch.Generator(device).manual_seed(5), x_scale, packed=True)
+    decoded = bq.gemm_values(got_p)[0].float()
+    live = ref_p.scales.float().isfinite() & got_p.scales.float().isfinite()
+    codes = (e2m1.unpack_e2m1(ref_p.packed) != e2m1.unpack_e2m1(got_p.packed))[live.repeat_interleave(16, -1)]
+    scale_bytes = ref_p.scales.view(torch.uint8) != got_p.scales.view(torch.uint8)
     return dict(dtype=dtype, same_scale=same_scale, differing=float(differing.float().mean()),
-                nan=float(got_v.isnan().float().mean()))
+                nan=float(got_v.isnan().float().mean()),
+                packed_decodes_to_values=bool(((decoded == got_v) | (decoded.isnan() & got_v.isnan())).all()),
+                packed_tensor_scale=bool(torch.equal(got_p.tensor_scale.nan_to_num(-1), got_s.nan_to_num(-1))),
+                differing_codes=float(codes.float().mean()) if codes.numel() else 0.0,
+                differing_scale_bytes=float(scale_bytes[live].float().mean()) if live.any() else 0.0)
 
 
 def _all_cases(device: str) -> dict:
@@ -71,10 +88,12 @@ def _check(results: dict) -> None:
     assert len(results) == len(EXACT_CASES) + len(GENERAL_CASES)
     for name, r in results.items():
         assert r["dtype"] == "torch.bfloat16", name
+        assert r["packed_decodes_to_values"] and r["packed_tensor_scale"], (name, r)
         if name.endswith("exact"):
-            assert r["same_scale"] and r["differing"] == 0, (name, r)
+            assert r["same_scale"], (name, r)
+            assert r["differing"] == r["differing_codes"] == r["differing_scale_bytes"] == 0, (name, r)
         else:
-            assert r["differing"] <= MAX_DIFFERING, (name, r)
+            assert max(r["differing"], r["differing_codes"], r["differing_scale_bytes"]) <= MAX_DIFFERING, (name, r)
         assert (r["nan"] > 0) == (" nan " in name or " inf " in name), (name, r)  # poisoned, and only then
 
 
@@ -87,6 +106,34 @@ def test_gpu_matches_reference():
     results = _all_cases("cuda")
     print(json.dumps(results))
     _check(results)
+
+
+@pytest.mark.parametrize("cc, packed", [(90, False), (100, False), (100, True)])
+@pytest.mark.parametrize("rounding, group", [("nearest", None), ("stochastic", None), ("stochastic", 16),
+                                             ("nearest", 16), ("eden", 128)])
+def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, packed, rounding, group):
+    """On any machine: every launch the unbiased recipes make builds for sm_90 and sm_100, in both outputs
+    (BF16 values, or on sm_100 the native FP4 GEMM's codes and scale bytes), with IEEE divisions (the
+    reference's) and, with a rotation, its dot on tensor cores (TF32) rather than FP32 FMAs."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    g = group or 64
+    constexprs = {"SCALED": True, "G": g, "BLOCK_R": 64, "ROTATE": group is not None,
+                  "MODE": rq.ROUNDINGS.index(rounding), "PACKED": packed, "INV_VAL_MAX": 1.0 / 6.0}
+    out = ("*u8", "*u8") if packed else ("*bf16", "*u8")
+    pointers = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "sh_ptr": "*fp32", "u_ptr": "*fp32", "ts_ptr": "*fp32",
+                "out_ptr": out[0], "scale_ptr": out[1], "amax_ptr": "*fp32"}
+    signature = {**pointers, "R": "i32", "stride_x": "i32", "stride_u": "i32", "stride_o": "i32", "stride_s": "i32",
+                 **{name: "constexpr" for name in constexprs}}
+    kernel = rq._rotate_quantize_kernel
+    aligned = {(list(signature).index(name),): [["tt.divisibility", 16]] for name in (*pointers, "stride_x")}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned),
+                              target=GPUTarget("cuda", cc, 32), options={"num_warps": 8 if g * 64 >= 8192 else 4})
+    ptx = compiled.asm["ptx"]
+    assert "div.rn.f32" in ptx and len(compiled.asm["cubin"]) > 0
+    assert bool(group) == bool(re.search(r"mma\S*\.tf32|tcgen05\.mma\S*kind::tf32", ptx))
+    assert ("cvt.rn.bf16" in ptx) != packed  # BF16 values, or only bytes
 
 
 def test_rejects_bad_arguments():

@@ -9,6 +9,7 @@ from fp4compile import FP4Config
 from fp4compile.runtime import gemm
 from fp4compile.runtime.eden import ms_eden
 from fp4compile.runtime.kernels import blackwell
+from fp4compile.runtime.kernels import rotate_quantize as rq
 from fp4compile.runtime.hadamard import random_signs, rht
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 from fp4compile.runtime.quantize import fake_quantize, gemm_operand, tiles_operand
@@ -99,13 +100,16 @@ def test_forward_and_gradient_gemms_match_the_scheme(recipe, device):
             assert float((got - want).norm() / want.norm()) < 1e-3
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b_is_weight", [True, False])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_native_block_scaled_wiring(monkeypatch, recipe, b_is_weight):
+def test_native_block_scaled_wiring(monkeypatch, recipe, b_is_weight, device):
     """With sm_100's native path forced on, every NVFP4 GEMM of the recipe goes through the block-scaled op
-    (on CPU it decodes the packed operands and multiplies in FP32) and gives the emulated results, except
-    nvidia's dA with an activation B: B_q^T is not NVFP4 along N, so that GEMM stays on scaled_gemm."""
-    a, b, dy = _inputs()
+    and gives the results of the other paths (same draws), except nvidia's dA with an activation B: B_q^T is
+    not NVFP4 along N, so that GEMM stays on scaled_gemm. Each gradient operand of a native GEMM is
+    quantized once, straight into codes and scales (``packed``). On CPU the op decodes the packed operands
+    and multiplies in FP32; on a CUDA GPU other than sm_100 too, fed by the Triton quantizers' codes."""
+    a, b, dy = (t.to(device) for t in _inputs())
     spec = MatmulSpec(FP4Config.from_recipe_name(recipe), b_is_weight=b_is_weight)
 
     def run():
@@ -120,9 +124,14 @@ def test_native_block_scaled_wiring(monkeypatch, recipe, b_is_weight):
     real = blackwell.block_scaled_mm
     monkeypatch.setattr(gemm, "native_block_reason", lambda device, cap, fmt: None if fmt == "nvfp4" else "not FP4")
     monkeypatch.setattr(blackwell, "block_scaled_mm", lambda *args, **kw: calls.append(args[6]) or real(*args, **kw))
+    quantized, name = [], "rotate_quantize" if device == "cuda" else "reference"
+    quantizer = getattr(rq, name)
+    monkeypatch.setattr(rq, name, lambda *args, **kw: quantized.append(kw["packed"]) or quantizer(*args, **kw))
     got = run()
     native = 3 if b_is_weight or recipe == "quartet2" else 2
     assert calls == ["nvfp4"] * native
+    # dA's operands (quartet2: both; nvidia: dY, B_q^T kept from the forward), then dB's two.
+    assert quantized == ([True] * 4 if recipe == "quartet2" else [b_is_weight, True, True])
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 

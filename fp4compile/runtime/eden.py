@@ -12,15 +12,15 @@ Along the last dim of x (already rotated by a randomized Hadamard transform in g
    the group's block scales, and each corrected scale is rounded stochastically to one of its two
    neighbouring E4M3 values (probabilities linear in the distance), so the expectation keeps c exactly.
 
-``ms_eden_operand`` returns what an NVFP4 GEMM multiplies (values times block scales, and the tensor
-scale); ``ms_eden`` their product in FP32.
+``ms_eden_quantized`` returns the values, block scales and tensor scale; ``ms_eden_operand`` what an
+NVFP4 GEMM multiplies (values times block scales, and the tensor scale); ``ms_eden`` their product in FP32.
 """
 
 import torch
 
 from fp4compile.runtime.e2m1 import round_to_e2m1
 from fp4compile.runtime.formats import E4M3_MAX
-from fp4compile.runtime.quantize import abs_max, exact_div
+from fp4compile.runtime.quantize import QuantizedTensor, abs_max, exact_div, nvfp4_operand
 
 BLOCK = 16
 SCALE_OVERRIDE = (17 / 16) * 0.93
@@ -53,9 +53,9 @@ def tensor_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax * (SCALE_OVERRIDE / (BLOCK_SCALE_TOP * 6.0)), 1.0)
 
 
-def ms_eden_operand(x: torch.Tensor, group: int = 128, generator: torch.Generator | None = None):
-    """MS-EDEN quantization of x along its last dim (size a multiple of ``group``, a multiple of 16), as a
-    GEMM operand: (E2M1 values times their corrected E4M3 block scales, exact in BF16; FP32 tensor scale)."""
+def ms_eden_quantized(x: torch.Tensor, group: int = 128, generator: torch.Generator | None = None) -> QuantizedTensor:
+    """MS-EDEN quantization of x along its last dim (size a multiple of ``group``, a multiple of 16): E2M1
+    values, their corrected E4M3 block scales and the FP32 tensor scale."""
     if group % BLOCK or x.shape[-1] % group:
         raise ValueError(f"ms_eden needs the last dim ({x.shape[-1]}) to be a multiple of the rotation group "
                          f"({group}), itself a multiple of {BLOCK}")
@@ -72,7 +72,14 @@ def ms_eden_operand(x: torch.Tensor, group: int = 128, generator: torch.Generato
     correction = torch.where(den == 0, 1.0, exact_div(num, den))
     corrected = (grouped(block) * correction).clamp(max=E4M3_MAX).flatten(-3, -2)
     scales = stochastic_e4m3(corrected, generator)
-    return (values * scales).flatten(-2).to(torch.bfloat16), ts
+    return QuantizedTensor(values.flatten(-2).to(torch.float8_e4m3fn), scales.squeeze(-1).to(torch.float8_e4m3fn),
+                           "nvfp4", x.dim() - 1, x.dtype, ts)
+
+
+def ms_eden_operand(x: torch.Tensor, group: int = 128, generator: torch.Generator | None = None):
+    """:func:`ms_eden_quantized` as a GEMM operand: (E2M1 values times their corrected E4M3 block scales,
+    exact in BF16; FP32 tensor scale)."""
+    return nvfp4_operand(ms_eden_quantized(x, group, generator))
 
 
 def ms_eden(x: torch.Tensor, group: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -13,8 +13,8 @@ The paths, by device (``plan`` decides them, for any device without running anyt
 dispatches on its answer: ``tensor_plan`` asks it about the tensors at hand):
 
     device          vector / tensor / mxfp4       nvfp4
-    sm_10x          forward: blackwell_fp4 (mxfp4, nvfp4: native block-scaled FP4 MMA; a 2-D B); else
-                    hopper_fp8; the unbiased recipes' NVFP4 GEMMs too (``nvfp4_gemm``)
+    sm_10x          the forward of vector, mxfp4, nvfp4: blackwell_fp4 (native FP4 MMA; a 2-D B), else as
+                    sm_90; the unbiased recipes' NVFP4 gradient GEMMs too (runtime/unbiased.py)
     sm_89, sm_90,   hopper_fp8                    bf16_exact
     sm_11x, sm_12x
     sm_80, sm_86    bf16_exact                    bf16_exact
@@ -166,19 +166,3 @@ def native_block_gemm(pa, pb, out_dtype: torch.dtype) -> torch.Tensor:
 
     return blackwell.block_scaled_mm(pa.packed, pa.scales, pb.packed, pb.scales, pa.tensor_scale, pb.tensor_scale,
                                      pa.format, out_dtype)
-
-
-def nvfp4_gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``scaled_gemm`` of NVFP4 operands (E2M1 values times E4M3 block scales in BF16, 0-d FP32 tensor
-    scales): on sm_10x with a 2-D ``b`` the native block-scaled FP4 MMA on their codes and scales
-    (``blackwell_quantize.split_nvfp4`` recovers them exactly)."""
-
-    def native():
-        from fp4compile.runtime.kernels import blackwell
-        from fp4compile.runtime.kernels.blackwell_quantize import split_nvfp4
-
-        (pa, sa), (pb, sb) = split_nvfp4(a.reshape(-1, a.shape[-1])), split_nvfp4(b)
-        y = blackwell.block_scaled_mm(pa, sa, pb, sb, a_scale.float(), b_scale.float(), "nvfp4", out_dtype)
-        return y.reshape(*a.shape[:-1], b.shape[0])
-
-    return block_gemm(a, a_scale, b, b_scale, "nvfp4", native, out_dtype)

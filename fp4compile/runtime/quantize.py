@@ -243,19 +243,32 @@ def _fold_mx_rows(values: torch.Tensor, scale: torch.Tensor):
     return folded, row_max * 2.0**-_MX_FOLD_TOP
 
 
-def tiles_operand(w: torch.Tensor, tile: int = 16):
+def tiles_quantized(w: torch.Tensor, tile: int = 16) -> QuantizedTensor:
     """NVFP4 quantization of a 2-D weight in tile x tile blocks (one E4M3 scale per tile, one FP32 tensor
     scale), as NVIDIA's recipe quantizes weights: w and w.T quantize identically, so the forward's weight
-    serves the backward's dX GEMM as it is. Returns (E2M1 values times tile scales in BF16, exact; tensor
-    scale), the form of ``gemm_operand``."""
+    serves the backward's dX GEMM as it is. Scales along dim 1 in blocks of 16, a tile's scale repeated on
+    each of its rows (the layout of an NVFP4 tensor quantized along its rows)."""
     if w.dim() != 2 or w.shape[0] % tile or w.shape[1] % tile:
         raise ValueError(f"16x16-tile quantization needs a 2-D weight with both sizes multiples of {tile}, "
                          f"got {tuple(w.shape)}; pad the layer or exclude it")
     n, k = w.shape
     tiles = w.float().reshape(n // tile, tile, k // tile, tile).transpose(1, 2).reshape(n // tile, k // tile, -1)
     values, _, stored, tensor_scale = quantize_blocked(tiles, get_format("nvfp4"))
-    values = (values * stored.float()).reshape(n // tile, k // tile, tile, tile).transpose(1, 2).reshape(n, k)
-    return values.to(torch.bfloat16), tensor_scale
+    values = values.reshape(n // tile, k // tile, tile, tile).transpose(1, 2).reshape(n, k)
+    scales = stored.reshape(n // tile, k // tile).repeat_interleave(tile, 0)
+    return QuantizedTensor(values.to(torch.float8_e4m3fn), scales, "nvfp4", 1, w.dtype, tensor_scale)
+
+
+def nvfp4_operand(q: QuantizedTensor):
+    """``gemm_operand``'s NVFP4 form of ``q`` (NVFP4, quantized along its last dim): (E2M1 values times
+    block scales in BF16, exact; tensor scale)."""
+    values = q.data.float() * q.scales.float().repeat_interleave(get_format("nvfp4").block_size, -1)
+    return values.to(torch.bfloat16), q.tensor_scale
+
+
+def tiles_operand(w: torch.Tensor, tile: int = 16):
+    """:func:`tiles_quantized` in ``gemm_operand``'s form: (values times tile scales in BF16; tensor scale)."""
+    return nvfp4_operand(tiles_quantized(w, tile))
 
 
 def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", generator=None):

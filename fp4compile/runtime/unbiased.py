@@ -1,8 +1,9 @@
 """The unbiased NVFP4 recipes (method.md, "Unbiased NVFP4 training"): all three GEMMs of a matmul in NVFP4,
-Y = A @ B^T (+ bias) with A [..., M, K] and B [..., N, K]. Every operand is held as E2M1 values times
-E4M3 block scales in BF16 (exact) with an FP32 tensor scale apart, so ``gemm.nvfp4_gemm`` multiplies
-it exactly: on sm_100+ as a native block-scaled FP4 GEMM, on other CUDA GPUs as a BF16 tensor-core GEMM
-with FP32 output, elsewhere by the FP32 emulation.
+Y = A @ B^T (+ bias) with A [..., M, K] and B [..., N, K]. Where ``gemm.plan`` gives the native block-scaled
+FP4 kernel (sm_10x, a 2-D B), every operand is quantized into the codes and E4M3 scales the kernel reads
+(a PackedOperand); elsewhere it is held as E2M1 values times E4M3 block scales in BF16 (exact) with an
+FP32 tensor scale apart, multiplied exactly by a BF16 tensor-core GEMM with FP32 output on other CUDA
+GPUs and by the FP32 emulation elsewhere (``gemm.scaled_gemm``).
 On CUDA each gradient operand is (rotated and) quantized in one Triton pass (kernels/rotate_quantize.py).
 
 Forward, both recipes: activation operands in 1x16 blocks along K, weight operands in 16x16 tiles (so a
@@ -20,18 +21,34 @@ torch 2.13), which breaks the rotation's cancellation; inside the op the draws h
 
 import torch
 
-from fp4compile.runtime.gemm import nvfp4_gemm, scaled_gemm
+from fp4compile.runtime.gemm import native_block, native_block_gemm, scaled_gemm
 from fp4compile.runtime.hadamard import group_for, random_signs
+from fp4compile.runtime.kernels import blackwell_quantize as bq
 from fp4compile.runtime.kernels import rotate_quantize as rq
-from fp4compile.runtime.quantize import gemm_operand, tiles_operand
+from fp4compile.runtime.quantize import gemm_operand, tiles_operand, tiles_quantized
 
 
-def forward_operand(x: torch.Tensor, is_weight: bool):
-    """The forward's NVFP4 operand as (values x block scales in BF16, tensor scale): 16x16 tiles for a 2-D
-    weight, else 1x16 blocks along K."""
-    if is_weight and x.dim() == 2:
-        return tiles_operand(x)
-    return gemm_operand(x.float(), "nvfp4")
+def forward_operand(x: torch.Tensor, is_weight: bool, packed: bool):
+    """The forward's NVFP4 operand, 16x16 tiles for a 2-D weight, else 1x16 blocks along K, as (values x
+    block scales in BF16, tensor scale, PackedOperand or None). ``packed`` (the native kernel runs the
+    forward): quantized once, into the kernel's codes and scales, and the values decoded from them."""
+    tiled = is_weight and x.dim() == 2
+    if not packed:
+        return (*(tiles_operand(x) if tiled else gemm_operand(x.float(), "nvfp4")), None)
+    if tiled:
+        rows = bq.from_quantized(tiles_quantized(x))
+    else:
+        rows = bq.pack_operand(x.reshape(-1, x.shape[-1]), "nvfp4", quantizer="triton" if x.is_cuda else "reference")
+    values, tensor_scale = bq.gemm_values(rows)
+    return values.reshape(x.shape), tensor_scale, rows
+
+
+def nvfp4_gemm(a, b, out_rows) -> torch.Tensor:
+    """A GEMM of two NVFP4 operands in FP32, both PackedOperands (the native kernel; A's rows [R, K] are
+    reshaped to ``out_rows`` [..., M]) or both (values, tensor scale) pairs (``scaled_gemm``)."""
+    if isinstance(a, bq.PackedOperand):
+        return native_block_gemm(a, b, torch.float32).reshape(*out_rows, -1)
+    return scaled_gemm(*a, *b)
 
 
 def dim_problems(config, name: str | None, m, n, k, *, tiled: bool, need_dx: bool = True, need_dw: bool = True,
@@ -74,41 +91,43 @@ def dim_problems(config, name: str | None, m, n, k, *, tiled: bool, need_dx: boo
             for needed, gemm, dim, size, multiple, unit, fix in needs if needed and size % multiple]
 
 
-def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, x_scale=None):
+def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, x_scale=None, packed: bool = False):
     """x (times the scalar ``x_scale``) rotated along its last dim (``signs`` None: not rotated) and
     quantized to NVFP4 (``rounding``: "nearest", "stochastic" or "eden"), as (values x block scales in BF16,
-    tensor scale): one fused Triton pass on CUDA, the reference elsewhere. Leading dims share the tensor
-    scale, so they are flattened. An empty x (no tokens) takes the reference: no launch of an empty grid."""
-    if x.is_cuda and rq.HAS_TRITON and x.numel():
-        values, tensor_scale = rq.rotate_quantize(x.reshape(-1, x.shape[-1]), signs, rounding, x_scale=x_scale)
-        return values.reshape(x.shape), tensor_scale
-    return rq.reference(x, signs, rounding, x_scale=x_scale)
+    tensor scale), or ``packed``: a PackedOperand of x's rows (leading dims flattened; they share the
+    tensor scale). One fused Triton pass on CUDA, the reference elsewhere. An empty x (no tokens) takes
+    the reference: no launch of an empty grid."""
+    rows = x.flatten(0, -2)
+    quantizer = rq.rotate_quantize if x.is_cuda and rq.HAS_TRITON and x.numel() else rq.reference
+    out = quantizer(rows, signs, rounding, x_scale=x_scale, packed=packed)
+    return out if packed else (out[0].reshape(x.shape), out[1])
 
 
 @torch.library.custom_op("fp4compile::unbiased_grad_gemm", mutates_args=())
 def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: str, group: int,
-              over_tokens: bool, q_tiled: bool) -> torch.Tensor:
+              over_tokens: bool, q_codes: torch.Tensor | None = None,
+              q_block_scales: torch.Tensor | None = None) -> torch.Tensor:
     """p [..., P, R] @ (q * q_scale) [..., Q, R]^T estimated as ``recipe`` does, R the reduction dim, in FP32:
     ``p`` the gradient side, ``q * q_scale`` the saved operand (the forward's B_q for dA; A_q, or A for
-    "nvidia", for dB, whose reduction dim is the tokens). ``q_tiled``: q was quantized in 16x16 tiles, so
-    it is NVFP4 along R too."""
+    "nvidia", for dB, whose reduction dim is the tokens). Where ``gemm.plan`` gives the native kernel, the
+    operands are quantized into its codes and scales. ``q_codes``, ``q_block_scales``: nvidia's dA with B_q
+    in 16x16 tiles on the native kernel: B_q^T's codes and scales (NVFP4 along R too: multiplied as it is)."""
+    native = native_block(p, q, "nvfp4")
     if recipe == "quartet2":
         signs = random_signs(group, device=p.device)
-        pv, ps = rotate_quantize(p, signs, "eden")
-        qv, qs = rotate_quantize(q, signs, "eden", q_scale)
-        return nvfp4_gemm(pv, ps, qv, qs)
+        pq = rotate_quantize(p, signs, "eden", packed=native)
+        return nvfp4_gemm(pq, rotate_quantize(q, signs, "eden", q_scale, packed=native), p.shape[:-1])
     if not over_tokens:  # nvidia's dA: the saved B_q as it is, the gradient rounded stochastically
-        pv, ps = rotate_quantize(p, None, "stochastic")
-        # Only a tiled B_q is NVFP4 along N (blocks of 16 sharing a scale) for a native FP4 GEMM.
-        return (nvfp4_gemm if q_tiled else scaled_gemm)(pv, ps, q, q_scale)
+        native = q_codes is not None  # an untiled B_q is NVFP4 along K, not along R: scaled_gemm
+        qq = bq.PackedOperand(q_codes, q_block_scales, q_scale, "nvfp4") if native else (q, q_scale)
+        return nvfp4_gemm(rotate_quantize(p, None, "stochastic", packed=native), qq, p.shape[:-1])
     signs = random_signs(group, device=p.device)
-    pv, ps = rotate_quantize(p, signs, "stochastic")
-    qv, qs = rotate_quantize(q, signs, "nearest", q_scale)
-    return nvfp4_gemm(pv, ps, qv, qs)
+    pq = rotate_quantize(p, signs, "stochastic", packed=native)
+    return nvfp4_gemm(pq, rotate_quantize(q, signs, "nearest", q_scale, packed=native), p.shape[:-1])
 
 
 @grad_gemm.register_fake
-def _(p, q, q_scale, recipe, group, over_tokens, q_tiled):
+def _(p, q, q_scale, recipe, group, over_tokens, q_codes=None, q_block_scales=None):
     return p.new_empty((*p.shape[:-1], q.shape[-2]), dtype=torch.float32)
 
 
@@ -123,22 +142,26 @@ class UnbiasedMatmulNT(torch.autograd.Function):
                                 need_dw=ctx.needs_input_grad[1], tokens_vary=isinstance(a.shape[-2], torch.SymInt))
         if problems:
             raise ValueError("\n".join(problems))
+        native = native_block(a, b, "nvfp4")
         with torch.autocast(a.device.type, enabled=False):
-            (va, sa), (vb, sb) = forward_operand(a, spec.a_is_weight), forward_operand(b, spec.b_is_weight)
-            y = nvfp4_gemm(va, sa, vb, sb)
+            va, sa, pa = forward_operand(a, spec.a_is_weight, native)
+            vb, sb, pb = forward_operand(b, spec.b_is_weight, native)
+            y = nvfp4_gemm(pa, pb, a.shape[:-1]) if native else scaled_gemm(va, sa, vb, sb)
             if bias is not None:
                 y = y + bias.float()
         # nvidia's dB re-quantizes the unquantized A after its rotation; quartet2 rotates A_q.
         if cfg.backward == "nvidia":
             va, sa = a, sa.new_ones(())
-        ctx.save_for_backward(va, sa, vb, sb)
+        # nvidia's dA multiplies B_q^T as it is: on the native kernel, the codes and scales of a tiled B_q.
+        b_tiles = (pb.packed, pb.scales) if native and cfg.backward == "nvidia" and spec.b_is_weight else (None, None)
+        ctx.save_for_backward(va, sa, vb, sb, *b_tiles)
         ctx.spec = spec
         ctx.meta = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
         return y.to(spec.out_dtype or a.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        va, sa, vb, sb = ctx.saved_tensors
+        va, sa, vb, sb, b_codes, b_scales = ctx.saved_tensors
         cfg = ctx.spec.config
         a_shape, a_dtype, b_shape, b_dtype, bias_meta = ctx.meta
         need_a, need_b, need_bias, _ = ctx.needs_input_grad
@@ -146,12 +169,14 @@ class UnbiasedMatmulNT(torch.autograd.Function):
         da = db = dbias = None
         with torch.autocast(dy.device.type, enabled=False):
             if need_a:  # dA [M, K] = dY [M, N] @ B_q [N, K]: reduce over N
-                tiled = ctx.spec.b_is_weight and len(b_shape) == 2  # as forward_operand quantized it
-                da = grad_gemm(g, vb.mT.contiguous(), sb, cfg.backward, cfg.hadamard_group, False, tiled)
+                tiles = (None, None)
+                if b_codes is not None:
+                    bt = bq.transposed_tiles(bq.PackedOperand(b_codes, b_scales, sb, "nvfp4"))
+                    tiles = (bt.packed, bt.scales)
+                da = grad_gemm(g, vb.mT, sb, cfg.backward, cfg.hadamard_group, False, *tiles)
                 da = da.sum_to_size(a_shape).to(a_dtype)
             if need_b:  # dB [N, K] = dY^T [N, M] @ A [M, K]: reduce over the tokens M
-                db = grad_gemm(g.mT.contiguous(), va.mT.contiguous(), sa, cfg.backward, cfg.hadamard_group, True,
-                               False)
+                db = grad_gemm(g.mT.contiguous(), va.mT.contiguous(), sa, cfg.backward, cfg.hadamard_group, True)
                 db = db.sum_to_size(b_shape).to(b_dtype)
             if need_bias:
                 dbias = g.float().sum_to_size(bias_meta[0]).to(bias_meta[1])

@@ -3,8 +3,9 @@
 - Formats: :data:`BLOCK_FORMATS` (MXFP4, NVFP4) and :data:`VECTOR`, the "vector" format as the GEMM kernel
   multiplies it.
 - Operands in the layout of blackwell.py's GEMM (packed E2M1 codes and block scales along K, see its module
-  doc): :func:`pack_operand` quantizes ``x`` [R, K] along K; :func:`split_nvfp4` and :func:`split_vector`
-  recover the codes from the values the NVFP4 and vector quantizers write; :func:`unpack_operand` decodes.
+  doc): :func:`pack_operand` quantizes ``x`` [R, K] along K; :func:`transposed_tiles` turns a 16x16-tiled
+  weight's operand into its transpose's; :func:`split_vector` recovers the codes from the values the
+  vector quantizer writes; :func:`unpack_operand` decodes.
 - The Triton quantize kernel (:func:`quantize_triton`): the reference quantizer's bytes for finite inputs.
 """
 
@@ -22,7 +23,7 @@ try:
     import triton
     import triton.language as tl
 
-    from fp4compile.runtime.kernels.triton_quantize import e4m3_rne
+    from fp4compile.runtime.kernels.triton_quantize import e2m1_code, e4m3_rne, pack_codes
 
     HAS_TRITON = True
 except ImportError:  # the CPU emulation and the shape checks still work
@@ -118,24 +119,13 @@ def from_quantized(q: QuantizedTensor) -> PackedOperand:
     return PackedOperand(q.packed().contiguous(), q.scales.contiguous(), ts, q.format)
 
 
-def split_nvfp4(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 products back into the kernel's layout: ``values`` [R, K] holding E2M1 values times E4M3 block
-    scales (as ``gemm_operand(x, "nvfp4")`` and the unbiased recipes' quantizers write them, in BF16) ->
-    (packed codes [R, K/2], float8_e4m3fn scales [R, K/16]) whose decoded products equal ``values``
-    exactly. A block's scale is max|v| / m for the largest E2M1 magnitude m that reproduces every value
-    of the block (the quantizer's own scale is one such m); an all-zero block gets scale 0, a block with a
-    NaN or inf the NaN scale (so it stays poisoned). Finite values that are not such products give a wrong
-    result, unchecked: the check would cost a host sync per GEMM."""
-    blocks = values.float().unflatten(-1, (-1, 16))
-    amax = blocks.abs().amax(-1, keepdim=True)
-    scale, found = torch.zeros_like(amax), amax == 0
-    for m in (6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5):
-        s = (amax / m).to(torch.float8_e4m3fn).float()
-        fits = ~found & (s > 0) & (e2m1.round_to_e2m1(blocks / s) * s == blocks).all(-1, keepdim=True)
-        scale, found = torch.where(fits, s, scale), found | fits
-    codes = e2m1.encode_e2m1(torch.where(scale > 0, blocks / scale, 0.0)).flatten(-2)
-    scale = poison(scale, amax)
-    return e2m1.pack_e2m1(codes), scale.squeeze(-1).to(torch.float8_e4m3fn)
+def transposed_tiles(op: PackedOperand) -> PackedOperand:
+    """W^T's operand from W's, for a W [N, K] quantized in 16x16 tiles (``quantize.tiles_quantized``), whose
+    tiles are W^T's transposed: the codes transposed, and each tile's scale (repeated on its 16 rows)
+    taken once and repeated on the rows of W^T [K, N]. Data movement only: the same values, exactly."""
+    codes = e2m1.unpack_e2m1(op.packed).mT.contiguous()
+    scales = op.scales.view(torch.uint8)[::16].mT.repeat_interleave(16, 0)
+    return PackedOperand(e2m1.pack_e2m1(codes), scales.view(op.scales.dtype), op.tensor_scale, op.format)
 
 
 def unpack_operand(op: PackedOperand) -> torch.Tensor:
@@ -226,14 +216,7 @@ if HAS_TRITON:
             scale = tl.where(scale == 0.0, float("inf"), scale)  # all-zero blocks round to 0, not NaN
             v = tl.math.div_rn(xb, scale[:, :, None])
             s_bytes = byte.to(tl.uint8)
-        # Round to E2M1 with ties to even by thresholds (the grid's midpoints), saturating at 6.
-        mag = tl.abs(v)
-        code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
-                + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
-                + (mag > 5.0).to(tl.int32))
-        code = code | (((v.to(tl.int32, bitcast=True) >> 31) & 1) << 3)  # the sign, -0 included
-        lo, hi = tl.split(tl.reshape(code, (BLOCK_R, BLOCK_K // 2, 2)))
-        packed = (lo | (hi << 4)).to(tl.uint8)
+        packed = pack_codes(e2m1_code(tl.reshape(v, (BLOCK_R, BLOCK_K))), BLOCK_R, BLOCK_K)
         offs_kb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         tl.store(q_ptr + offs_r[:, None] * stride_qr + offs_kb[None, :], packed,
                  mask=mask_r & (offs_kb[None, :] < K // 2))

@@ -1,7 +1,8 @@
 """The unbiased recipes' backward operands in one Triton pass each: a randomized Hadamard rotation along
 the rows (or none), then NVFP4 quantization (round to nearest, stochastic rounding, or MS-EDEN), written
-as BF16 values times E4M3 block scales (exact in BF16) with the FP32 tensor scale apart, ready for
-``gemm.nvfp4_gemm``.
+as BF16 values times E4M3 block scales (exact in BF16) with the FP32 tensor scale apart, for a BF16
+tensor-core GEMM, or as the codes and E4M3 scale bytes the native block-scaled FP4 GEMM reads
+(``packed``; kernels/blackwell.py).
 
 The tensor scale needs the amax of the *rotated* tensor, so a launch in AMAX mode rotates and reduces
 first (the rotation is recomputed in the second launch rather than stored: a [G, G] product per group is
@@ -21,13 +22,15 @@ import torch
 
 from fp4compile.runtime import eden
 from fp4compile.runtime.hadamard import hadamard_matrix, rht
-from fp4compile.runtime.quantize import gemm_operand, nvfp4_tensor_scale
+from fp4compile.runtime.kernels.blackwell_quantize import PackedOperand, from_quantized
+from fp4compile.runtime.quantize import nvfp4_operand, nvfp4_tensor_scale, quantize
 
 try:
     import triton
     import triton.language as tl
 
-    from fp4compile.runtime.kernels.triton_quantize import e2m1_rne, e4m3_neighbours, e4m3_rne
+    from fp4compile.runtime.kernels.triton_quantize import (e2m1_code, e2m1_rne, e4m3_neighbours, e4m3_rne,
+                                                             pack_codes)
 
     HAS_TRITON = True
 except ImportError:
@@ -38,16 +41,19 @@ ROUNDINGS = ("nearest", "stochastic", "eden")
 _AMAX = 3  # kernel MODE: 0, 1, 2 are the ROUNDINGS
 
 
-def reference(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None, x_scale=None):
-    """(values x block scales, tensor scale) of x [..., C] (times the FP32 scalar ``x_scale``, if given)
-    rotated along C by ``signs`` (None: not rotated) and quantized to NVFP4 by ``rounding``: the
-    definition the kernel is tested against."""
+def reference(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None, x_scale=None,
+              packed: bool = False):
+    """x [..., C] (times the FP32 scalar ``x_scale``, if given) rotated along C by ``signs`` (None: not
+    rotated) and quantized to NVFP4 by ``rounding``, as (values x block scales in BF16, tensor scale), or
+    ``packed``: as the native kernel's codes and scales (a PackedOperand): the definition the kernel is
+    tested against."""
     x = x.float() if x_scale is None else x.float() * x_scale
     rotated = x if signs is None else rht(x, signs)
     if rounding == "eden":
-        return eden.ms_eden_operand(rotated, signs.numel(), generator)
-    values, tensor_scale = gemm_operand(rotated, "nvfp4", rounding, generator)
-    return values, tensor_scale
+        q = eden.ms_eden_quantized(rotated, signs.numel(), generator)
+    else:
+        q = quantize(rotated, "nvfp4", rounding=rounding, generator=generator)
+    return from_quantized(q) if packed else nvfp4_operand(q)
 
 
 if HAS_TRITON:
@@ -59,17 +65,19 @@ if HAS_TRITON:
         step = tl.where(mag < 2.0, 0.5, tl.where(mag < 4.0, 1.0, 2.0))
         lower = tl.floor(mag / step) * step
         q = tl.where(u < (mag - lower) / step, lower + step, lower)
-        return tl.where(v < 0, -q, q)
+        sign = v.to(tl.int32, bitcast=True) & -2147483648  # v's sign, on a zero too (as torch's copysign)
+        return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _rotate_quantize_kernel(
-        x_ptr, xs_ptr, sh_ptr, u_ptr, ts_ptr, out_ptr, amax_ptr,
-        R, stride_x, stride_u, stride_o,
+        x_ptr, xs_ptr, sh_ptr, u_ptr, ts_ptr, out_ptr, scale_ptr, amax_ptr,
+        R, stride_x, stride_u, stride_o, stride_s,
         SCALED: tl.constexpr,  # multiply x by the FP32 scalar at xs_ptr first (the saved operands' scales)
         G: tl.constexpr,  # the rotation group: one program covers BLOCK_R rows x one group of G columns
         BLOCK_R: tl.constexpr,
         ROTATE: tl.constexpr,
         MODE: tl.constexpr,  # 0 nearest, 1 stochastic, 2 MS-EDEN, 3 amax of the rotated tensor only
+        PACKED: tl.constexpr,  # write codes [R, C/2] to out_ptr and scale bytes [R, C/16] to scale_ptr
         INV_VAL_MAX: tl.constexpr,  # fl32(1 / the scaled amax a block maps to): 1/6, or MS-EDEN's
     ):
         pid_r = tl.program_id(0)
@@ -111,7 +119,7 @@ if HAS_TRITON:
             if MODE == 1:
                 u = tl.load(u_ptr + u_offs[:, :, None] * 16 + tl.arange(0, 16)[None, None, :],
                             mask=mask[:, :, None], other=0.0)
-                out = _e2m1_sr(v, u) * bs[:, :, None]
+                q = _e2m1_sr(v, u)
             else:
                 q = e2m1_rne(v)
                 if MODE == 2:
@@ -124,17 +132,26 @@ if HAS_TRITON:
                     p_up = tl.math.div_rn(corrected - down, up - down)
                     u = tl.load(u_ptr + u_offs, mask=mask, other=0.0)
                     bs = tl.where(u < p_up, up, down)
-                out = q * bs[:, :, None]
-            out = tl.where(poisoned[:, :, None], float("nan"), out)
-            out = tl.reshape(out, (BLOCK_R, G))
-            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(tl.bfloat16), mask=mask)
+            if PACKED:
+                # Codes two per byte and E4M3 scale bytes (NaN, 0x7F, for a poisoned block).
+                codes = pack_codes(e2m1_code(tl.reshape(q, (BLOCK_R, G))), BLOCK_R, G)
+                half = pid_g * (G // 2) + tl.arange(0, G // 2)
+                tl.store(out_ptr + rows[:, None] * stride_o + half[None, :], codes, mask=mask)
+                _, byte = e4m3_rne(bs)
+                byte = tl.where(poisoned, 0x7F, byte).to(tl.uint8)
+                tl.store(scale_ptr + rows[:, None] * stride_s + blocks[None, :], byte, mask=mask)
+            else:
+                out = tl.where(poisoned[:, :, None], float("nan"), q * bs[:, :, None])
+                out = tl.reshape(out, (BLOCK_R, G))
+                tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out.to(tl.bfloat16), mask=mask)
 
 
 def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, generator=None, x_scale=None,
-                    kernel=None, BLOCK_R: int = 64):
+                    packed: bool = False, kernel=None, BLOCK_R: int = 64):
     """:func:`reference` of a 2-D x [R, C] (C a multiple of len(signs), or of 16 unrotated) in two
     launches of the kernel; ``x_scale`` (0-d FP32) is multiplied in as x is read, so a scaled copy of x is
-    never written. ``kernel`` overrides the launched function (an interpreted copy in CPU tests)."""
+    never written; ``packed`` as in :func:`reference`. ``kernel`` overrides the launched function (an
+    interpreted copy in CPU tests)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     rows, cols = x.shape
@@ -157,8 +174,8 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, 
     # 8 warps hold a 64 x 128 rotation with few spills (cuobjdump -res-usage of an sm_90 AOT build).
     xs = None if x_scale is None else x_scale.float().reshape(())
     common = dict(SCALED=xs is not None, G=group, BLOCK_R=BLOCK_R, ROTATE=signs is not None,
-                  INV_VAL_MAX=inv_val_max, num_warps=8 if group * BLOCK_R >= 8192 else 4)
-    kernel[grid](x, xs, sh, None, None, None, partial, rows, x.stride(0), 0, 0, MODE=_AMAX, **common)
+                  INV_VAL_MAX=inv_val_max, PACKED=packed, num_warps=8 if group * BLOCK_R >= 8192 else 4)
+    kernel[grid](x, xs, sh, None, None, None, None, partial, rows, x.stride(0), 0, 0, 0, MODE=_AMAX, **common)
     amax = partial.amax() if partial.numel() else partial.new_zeros(())
     tensor_scale = eden.tensor_scale(amax) if rounding == "eden" else nvfp4_tensor_scale(amax)
     uniforms = None
@@ -166,8 +183,14 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, 
         uniforms = torch.rand((rows, cols), generator=generator, device=x.device)
     elif rounding == "eden":
         uniforms = torch.rand((rows, cols // eden.BLOCK), generator=generator, device=x.device)
-    out = torch.empty((rows, cols), dtype=torch.bfloat16, device=x.device)
     stride_u = 0 if uniforms is None else uniforms.stride(0) // (16 if rounding == "stochastic" else 1)
-    kernel[grid](x, xs, sh, uniforms, tensor_scale, out, partial, rows, x.stride(0), stride_u, out.stride(0),
-                 MODE=ROUNDINGS.index(rounding), **common)
+    if packed:
+        out = torch.empty((rows, cols // 2), dtype=torch.uint8, device=x.device)
+        scales = torch.empty((rows, cols // 16), dtype=torch.uint8, device=x.device)
+    else:
+        out, scales = torch.empty((rows, cols), dtype=torch.bfloat16, device=x.device), None
+    kernel[grid](x, xs, sh, uniforms, tensor_scale, out, scales, partial, rows, x.stride(0), stride_u, out.stride(0),
+                 0 if scales is None else scales.stride(0), MODE=ROUNDINGS.index(rounding), **common)
+    if packed:
+        return PackedOperand(out, scales.view(torch.float8_e4m3fn), tensor_scale, "nvfp4")
     return out, tensor_scale

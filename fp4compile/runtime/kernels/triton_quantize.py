@@ -71,3 +71,21 @@ def e2m1_rne(v):
     q = ((mag * inverse + 8388608.0) - 8388608.0) * step  # x + 2^23 - 2^23: rint(x), ties to even, x < 2^23
     sign = v.to(tl.int32, bitcast=True) & -2147483648  # -2147483648 = 0x80000000
     return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e2m1_code(v):
+    """e2m1.encode_e2m1 of v rounded to nearest E2M1 (ties to even, saturating at 6), by comparisons with
+    the grid's midpoints: the 4-bit code, v's sign in bit 3 (-0 included). Of an E2M1 value, its code."""
+    mag = tl.abs(v)
+    code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
+            + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
+            + (mag > 5.0).to(tl.int32))
+    return code | (((v.to(tl.int32, bitcast=True) >> 31) & 1) << 3)
+
+
+@triton.jit
+def pack_codes(code, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Codes [ROWS, COLS] two per byte along the columns (e2m1.pack_e2m1): [ROWS, COLS / 2] uint8."""
+    lo, hi = tl.split(tl.reshape(code, (ROWS, COLS // 2, 2)))
+    return (lo | (hi << 4)).to(tl.uint8)
