@@ -20,7 +20,7 @@ from common import (fresh_start, model_parser, peak_trace, prepare, print_table,
                     top_host_ops, top_kernels)
 
 
-def build(variant, seq, fp4_options):
+def build(variant, seq, fp4_options, mode=None):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -32,7 +32,7 @@ def build(variant, seq, fp4_options):
     backend = prepare(model, variant, fp4_options)
     if backend is not None:
         for layer in model.model.layers:
-            layer.compile(backend=backend)
+            layer.compile(backend=backend, mode=mode)
     return model
 
 
@@ -41,12 +41,13 @@ def build(variant, seq, fp4_options):
 REPORTS = {"profile": ("{}", top_kernels), "host": ("{} host", top_host_ops), "peak": ("{} memory", peak_trace)}
 
 
-def run(variant, batch, seq, iters, reports, fp4_options):
-    model = build(variant, seq, fp4_options)
+def run(variant, batch, seq, iters, reports, fp4_options, mode=None):
+    model = build(variant, seq, fp4_options, mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # under CUDA graphs (--mode): last step's outputs are free
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -71,6 +72,8 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--mode", default=None, help="torch.compile's mode for every compiled variant, e.g. "
+                   "reduce-overhead (CUDA graphs)")
     p.add_argument("--profile", default="fp4_occ_off,bf16_inductor", help="variants to profile one step of")
     p.add_argument("--host-profile", default="", help="variants whose host time of one step to profile by op")
     args = p.parse_args()
@@ -83,7 +86,7 @@ def main():
             fresh_start()
             torch._dynamo.utils.counters.clear()
             try:
-                row, extra = run(variant, batch, args.seq, args.iters, reports, args.fp4_options)
+                row, extra = run(variant, batch, args.seq, args.iters, reports, args.fp4_options, args.mode)
                 break
             except torch.OutOfMemoryError:
                 if batch == 1:
@@ -104,6 +107,8 @@ def main():
             r["vs bf16 inductor"] = r["tokens/s"] / base["tokens/s"]
             r["memory vs bf16 inductor"] = r["peak GiB"] / base["peak GiB"]
     title = f"~1B Llama training step, seq {args.seq}, batch {args.batch} (unless noted)"
+    if args.mode:
+        title += f", mode {args.mode!r}"
     cols = ["variant", "batch", "step ms", "spread ms", "host ms", "tokens/s", "vs bf16 inductor", "peak GiB",
             "memory vs bf16 inductor", "first step s", "graphs", "note"]
     print_table(rows, cols, title)
