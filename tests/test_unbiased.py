@@ -171,10 +171,17 @@ class _MLP(torch.nn.Module):
         return self.down(torch.nn.functional.silu(self.up(x)))
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_compiled_gradients_match_eager_statistics(recipe):
+def test_compiled_gradients_match_eager_statistics(monkeypatch, recipe, native):
     """Under torch.compile (Inductor) the weight gradient of one step is the scheme's estimate: its error
-    against dY^T A is at the level of one draw's noise (eager: ~0.14-0.19), not a broken rotation (>1)."""
+    against dY^T A is at the level of one draw's noise (eager: ~0.14-0.19), not a broken rotation (>1).
+    ``native``: sm_100's path forced, its packed operands and block-scaled op traced and compiled too."""
+    calls = []
+    if native:
+        real = blackwell.block_scaled_mm
+        monkeypatch.setattr(gemm, "native_block_reason", lambda device, cap, fmt: None if fmt == "nvfp4" else "no")
+        monkeypatch.setattr(blackwell, "block_scaled_mm", lambda *args: calls.append(args[6]) or real(*args))
     torch._dynamo.reset()
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 256, bias=False)
@@ -183,6 +190,8 @@ def test_compiled_gradients_match_eager_statistics(recipe):
     torch.compile(lin, backend=fp4compile.backend(FP4Config.from_recipe_name(recipe)))(a).backward(dy)
     exact = dy.T @ fake_quantize(a, "nvfp4")
     assert float((lin.weight.grad - exact).norm() / exact.norm()) < 0.3
+    # The forward's GEMM (traced once), then dA's and dB's, run inside the gradient op.
+    assert calls == (["nvfp4"] * 3 if native else [])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
