@@ -1,15 +1,15 @@
-"""The fused rotate + NVFP4 quantize Triton kernel against its reference (kernels/rotate_quantize.py):
-on CPU in Triton's interpreter (in a subprocess: the interpreter must be chosen before triton is
-imported), and on a CUDA device.
+"""The fused rotate + NVFP4 quantize Triton kernel against its reference (kernels/rotate_quantize.py): on
+CPU in Triton's interpreter (in a subprocess: the interpreter must be chosen before triton is imported),
+and on a CUDA device.
 
 Bit-exact where the rotation is exact in FP32 (integer inputs, groups 16 and 64: Hadamard entries 1/4 and
 1/8) or absent (nvidia's unrotated dA operand, any input), with an operand scale multiplied in as x is
 read, and with a NaN or inf planted (NaN exactly where the reference has NaN); in both outputs, BF16
 values times block scales and the packed codes and scale bytes of the native FP4 GEMM (which must decode
-to the same values). On rotated general inputs
-the rotation's FP32 sums run in another order than torch's, and a value within an ulp of a rounding
-boundary may round the other way, so there the test bounds the fraction of differing values. Run as ``TRITON_INTERPRET=1 python tests/test_rotate_quantize.py``, this file prints the
-interpreter results as JSON.
+to the same values). On rotated general inputs the rotation's FP32 sums run in another order than
+torch's, and a value within an ulp of a rounding boundary may round the other way, so there the test
+bounds the fraction of differing values. Run as ``TRITON_INTERPRET=1 python
+tests/test_rotate_quantize.py``, this file prints the interpreter results as JSON.
 """
 
 import json
@@ -93,7 +93,8 @@ def _check(results: dict) -> None:
             assert r["same_scale"], (name, r)
             assert r["differing"] == r["differing_codes"] == r["differing_scale_bytes"] == 0, (name, r)
         else:
-            assert max(r["differing"], r["differing_codes"], r["differing_scale_bytes"]) <= MAX_DIFFERING, (name, r)
+            worst = max(r["differing"], r["differing_codes"], r["differing_scale_bytes"])
+            assert worst <= MAX_DIFFERING, (name, r)
         assert (r["nan"] > 0) == (" nan " in name or " inf " in name), (name, r)  # poisoned, and only then
 
 
