@@ -150,9 +150,9 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
             patches.setdefault("emulate_precision_casts", True)
             if not on_cuda(example_inputs):
                 patches.update(cpu_vector_width(patches))
-            if config.rotation or config.recompute_activations or config.recompute_weights:
-                previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
-                patches["joint_custom_pre_pass"] = RecomputeTagged(previous)
+            # Always (a no-op without tags): its uuid keys Inductor's cache on fp4compile's code.
+            previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
+            patches["joint_custom_pre_pass"] = RecomputeTagged(previous)
             return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(inner)(gm, example_inputs)
 

@@ -119,7 +119,7 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     torch.testing.assert_close(torch.compile(model, backend="fp4", mode="reduce-overhead")(x), want)
     torch._dynamo.reset()
     torch.testing.assert_close(fp4compile.compile(model, options={"coordinate-descent-tuning": True})(x), want)
-    # The default recipe rotates: its joint-graph pass rides along with whatever else is asked for.
+    # The joint-graph pass (passes/recompute.py) rides along with whatever else is asked for.
     assert all(isinstance(p.pop("joint_custom_pre_pass"), RecomputeTagged) for p in patches)
     exact = {"emulate_precision_casts": True, **dynamo_backend.cpu_vector_width({})}
     assert patches == [exact, {**exact, "triton.cudagraphs": True}, {**exact, "coordinate_descent_tuning": True}]
@@ -609,6 +609,29 @@ def test_rotation_saves_no_rotated_weight():
     plain, rotated = (_saved_for_backward(FP4Config.from_recipe_name(r)) for r in ("dge", "rotated"))
     rotated.remove(("torch.float32", 128 * 128))
     assert rotated == plain
+
+
+def test_inductor_cache_is_keyed_on_fp4compiles_code(monkeypatch):
+    """Inductor's FX graph cache keys on a graph, not on the fp4compile operators it calls: another version
+    of fp4compile's code (here, another digest of it) must compile afresh, the same code reuse the cache."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from fp4compile.passes import recompute
+
+    model, x = _mlp(), torch.randn(4, 64)
+
+    def cache_hits():
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(model, backend=fp4compile.backend(FP4Config.from_recipe_name("dge")))(x).sum().backward()
+        return counters["inductor"]["fxgraph_cache_hit"]
+
+    with fresh_cache():
+        assert cache_hits() == 0
+        assert cache_hits() == 2  # the forward and the backward
+        monkeypatch.setattr(recompute, "code_digest", lambda: "another version")
+        assert cache_hits() == 0
 
 
 def test_rotation_keeps_a_joint_graph_pass_already_set(monkeypatch):

@@ -1,4 +1,5 @@
-"""A joint-graph pass for Inductor: tagged operations are recomputed in the backward, never saved.
+"""A joint-graph pass for Inductor: tagged operations are recomputed in the backward, never saved. Every
+fp4 compile installs it; its uuid, part of Inductor's cache key, carries fp4compile's code (``code_digest``).
 
 These are tagged (``matmul.recomputed``, a ``torch.fx.traceback.annotate`` that reaches the joint
 graph), and this pass marks their nodes MUST_RECOMPUTE:
@@ -16,8 +17,10 @@ graph), and this pass marks their nodes MUST_RECOMPUTE:
   keeps anyway (DGE reads them), instead of their FP8 values.
 """
 
+import functools
 import hashlib
 import inspect
+from pathlib import Path
 
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -46,4 +49,17 @@ class RecomputeTagged(CustomGraphPass):
 
     def uuid(self):
         previous = self.previous.uuid() if isinstance(self.previous, CustomGraphPass) else repr(self.previous)
-        return hashlib.sha256((inspect.getsource(recompute_tagged) + str(previous)).encode()).hexdigest()
+        return hashlib.sha256((code_digest() + str(previous)).encode()).hexdigest()
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of fp4compile's Python sources. Inductor's FX graph cache keys on the graph, not on the
+    operators it calls: a cached graph compiled against another version of fp4compile's custom operators
+    (a changed schema, say) would be served and fail, or run stale code. Keyed on this, any change to
+    fp4compile compiles afresh."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()

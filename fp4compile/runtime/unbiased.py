@@ -28,10 +28,11 @@ from fp4compile.runtime.kernels import rotate_quantize as rq
 from fp4compile.runtime.quantize import gemm_operand, tiles_operand, tiles_quantized
 
 
-def forward_operand(x: torch.Tensor, is_weight: bool, packed: bool):
+def forward_operand(x: torch.Tensor, is_weight: bool, packed: bool, values: bool = True):
     """The forward's NVFP4 operand, 16x16 tiles for a 2-D weight, else 1x16 blocks along K, as (values x
     block scales in BF16, tensor scale, PackedOperand or None). ``packed`` (the native kernel runs the
-    forward): quantized once, into the kernel's codes and scales, and the values decoded from them."""
+    forward): quantized once, into the kernel's codes and scales, and the values decoded from them where
+    the backward reads them (``values``; else None)."""
     tiled = is_weight and x.dim() == 2
     if not packed:
         return (*(tiles_operand(x) if tiled else gemm_operand(x.float(), "nvfp4")), None)
@@ -39,8 +40,10 @@ def forward_operand(x: torch.Tensor, is_weight: bool, packed: bool):
         rows = bq.from_quantized(tiles_quantized(x))
     else:
         rows = bq.pack_operand(x.reshape(-1, x.shape[-1]), "nvfp4", quantizer="triton" if x.is_cuda else "reference")
-    values, tensor_scale = bq.gemm_values(rows)
-    return values.reshape(x.shape), tensor_scale, rows
+    if not values:
+        return None, rows.tensor_scale, rows
+    decoded, tensor_scale = bq.gemm_values(rows)
+    return decoded.reshape(x.shape), tensor_scale, rows
 
 
 def nvfp4_gemm(a, b, out_rows) -> torch.Tensor:
@@ -105,21 +108,21 @@ def rotate_quantize(x: torch.Tensor, signs: torch.Tensor | None, rounding: str, 
 
 @torch.library.custom_op("fp4compile::unbiased_grad_gemm", mutates_args=())
 def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: str, group: int,
-              over_tokens: bool, q_codes: torch.Tensor | None = None,
-              q_block_scales: torch.Tensor | None = None) -> torch.Tensor:
+              over_tokens: bool, q_block_scales: torch.Tensor | None = None) -> torch.Tensor:
     """p [..., P, R] @ (q * q_scale) [..., Q, R]^T estimated as ``recipe`` does, R the reduction dim, in FP32:
     ``p`` the gradient side, ``q * q_scale`` the saved operand (the forward's B_q for dA; A_q, or A for
     "nvidia", for dB, whose reduction dim is the tokens). Where ``gemm.plan`` gives the native kernel, the
-    operands are quantized into its codes and scales. ``q_codes``, ``q_block_scales``: nvidia's dA with B_q
-    in 16x16 tiles on the native kernel: B_q^T's codes and scales (NVFP4 along R too: multiplied as it is)."""
+    operands are quantized into its codes and scales. ``q_block_scales``: nvidia's dA with B_q in 16x16
+    tiles on the native kernel: ``q`` holds B_q^T's packed codes [Q, R/2] and these its block scales
+    (NVFP4 along R too, so the kernel multiplies it as it is)."""
     native = native_block(p, q, "nvfp4")
     if recipe == "quartet2":
         signs = random_signs(group, device=p.device)
         pq = rotate_quantize(p, signs, "eden", packed=native)
         return nvfp4_gemm(pq, rotate_quantize(q, signs, "eden", q_scale, packed=native), p.shape[:-1])
     if not over_tokens:  # nvidia's dA: the saved B_q as it is, the gradient rounded stochastically
-        native = q_codes is not None  # an untiled B_q is NVFP4 along K, not along R: scaled_gemm
-        qq = bq.PackedOperand(q_codes, q_block_scales, q_scale, "nvfp4") if native else (q, q_scale)
+        native = q_block_scales is not None  # an untiled B_q is NVFP4 along K, not along R: scaled_gemm
+        qq = bq.PackedOperand(q, q_block_scales, q_scale, "nvfp4") if native else (q, q_scale)
         return nvfp4_gemm(rotate_quantize(p, None, "stochastic", packed=native), qq, p.shape[:-1])
     signs = random_signs(group, device=p.device)
     pq = rotate_quantize(p, signs, "stochastic", packed=native)
@@ -127,7 +130,7 @@ def grad_gemm(p: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, recipe: s
 
 
 @grad_gemm.register_fake
-def _(p, q, q_scale, recipe, group, over_tokens, q_codes=None, q_block_scales=None):
+def _(p, q, q_scale, recipe, group, over_tokens, q_block_scales=None):
     return p.new_empty((*p.shape[:-1], q.shape[-2]), dtype=torch.float32)
 
 
@@ -143,18 +146,19 @@ class UnbiasedMatmulNT(torch.autograd.Function):
         if problems:
             raise ValueError("\n".join(problems))
         native = native_block(a, b, "nvfp4")
+        # nvidia's dB re-quantizes the unquantized A after its rotation (quartet2 rotates A_q), and its dA
+        # multiplies B_q^T as it is: on the native kernel, a tiled B_q's codes and scales transposed.
+        nvidia = cfg.backward == "nvidia"
+        b_tiles = native and nvidia and spec.b_is_weight
         with torch.autocast(a.device.type, enabled=False):
-            va, sa, pa = forward_operand(a, spec.a_is_weight, native)
-            vb, sb, pb = forward_operand(b, spec.b_is_weight, native)
+            va, sa, pa = forward_operand(a, spec.a_is_weight, native, values=not nvidia)
+            vb, sb, pb = forward_operand(b, spec.b_is_weight, native, values=not b_tiles)
             y = nvfp4_gemm(pa, pb, a.shape[:-1]) if native else scaled_gemm(va, sa, vb, sb)
             if bias is not None:
                 y = y + bias.float()
-        # nvidia's dB re-quantizes the unquantized A after its rotation; quartet2 rotates A_q.
-        if cfg.backward == "nvidia":
+        if nvidia:
             va, sa = a, sa.new_ones(())
-        # nvidia's dA multiplies B_q^T as it is: on the native kernel, the codes and scales of a tiled B_q.
-        b_tiles = (pb.packed, pb.scales) if native and cfg.backward == "nvidia" and spec.b_is_weight else (None, None)
-        ctx.save_for_backward(va, sa, vb, sb, *b_tiles)
+        ctx.save_for_backward(va, sa, vb, sb, *((pb.packed, pb.scales) if b_tiles else (None, None)))
         ctx.spec = spec
         ctx.meta = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
         return y.to(spec.out_dtype or a.dtype)
@@ -169,11 +173,11 @@ class UnbiasedMatmulNT(torch.autograd.Function):
         da = db = dbias = None
         with torch.autocast(dy.device.type, enabled=False):
             if need_a:  # dA [M, K] = dY [M, N] @ B_q [N, K]: reduce over N
-                tiles = (None, None)
-                if b_codes is not None:
+                if b_codes is None:
+                    da = grad_gemm(g, vb.mT, sb, cfg.backward, cfg.hadamard_group, False)
+                else:
                     bt = bq.transposed_tiles(bq.PackedOperand(b_codes, b_scales, sb, "nvfp4"))
-                    tiles = (bt.packed, bt.scales)
-                da = grad_gemm(g, vb.mT, sb, cfg.backward, cfg.hadamard_group, False, *tiles)
+                    da = grad_gemm(g, bt.packed, sb, cfg.backward, cfg.hadamard_group, False, bt.scales)
                 da = da.sum_to_size(a_shape).to(a_dtype)
             if need_b:  # dB [N, K] = dY^T [N, M] @ A [M, K]: reduce over the tokens M
                 db = grad_gemm(g.mT.contiguous(), va.mT.contiguous(), sa, cfg.backward, cfg.hadamard_group, True)
