@@ -9,6 +9,7 @@ from fp4compile import FP4Config
 from fp4compile.runtime import gemm
 from fp4compile.runtime.eden import ms_eden
 from fp4compile.runtime.kernels import blackwell
+from fp4compile.runtime.kernels import blackwell_quantize as bq
 from fp4compile.runtime.kernels import rotate_quantize as rq
 from fp4compile.runtime.hadamard import random_signs, rht
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
@@ -127,11 +128,16 @@ def test_native_block_scaled_wiring(monkeypatch, recipe, b_is_weight, device):
     quantized, name = [], "rotate_quantize" if device == "cuda" else "reference"
     quantizer = getattr(rq, name)
     monkeypatch.setattr(rq, name, lambda *args, **kw: quantized.append(kw["packed"]) or quantizer(*args, **kw))
+    decoded, gemm_values = [], bq.gemm_values
+    monkeypatch.setattr(bq, "gemm_values", lambda op: decoded.append(op) or gemm_values(op))
     got = run()
     native = 3 if b_is_weight or recipe == "quartet2" else 2
     assert calls == ["nvfp4"] * native
     # dA's operands (quartet2: both; nvidia: dY, B_q^T kept from the forward), then dB's two.
     assert quantized == ([True] * 4 if recipe == "quartet2" else [b_is_weight, True, True])
+    # Forward operands decoded to values only where the backward reads them: quartet2 rotates both,
+    # nvidia reads A itself and a tiled B_q^T's codes (an activation B_q's values: scaled_gemm).
+    assert len(decoded) == (2 if recipe == "quartet2" else 0 if b_is_weight else 1)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
