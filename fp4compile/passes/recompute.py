@@ -19,7 +19,6 @@ graph), and this pass marks their nodes MUST_RECOMPUTE:
 
 import functools
 import hashlib
-import inspect
 from pathlib import Path
 
 import torch.fx as fx
