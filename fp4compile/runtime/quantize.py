@@ -262,8 +262,8 @@ def tiles_quantized(w: torch.Tensor, tile: int = 16) -> QuantizedTensor:
 def nvfp4_operand(q: QuantizedTensor):
     """``gemm_operand``'s NVFP4 form of ``q`` (NVFP4, quantized along its last dim): (E2M1 values times
     block scales in BF16, exact; tensor scale)."""
-    values = q.data.float() * q.scales.float().repeat_interleave(get_format("nvfp4").block_size, -1)
-    return values.to(torch.bfloat16), q.tensor_scale
+    blocks = q.data.float().unflatten(-1, (-1, get_format("nvfp4").block_size))
+    return (blocks * q.scales.float()[..., None]).flatten(-2).to(torch.bfloat16), q.tensor_scale
 
 
 def tiles_operand(w: torch.Tensor, tile: int = 16):
