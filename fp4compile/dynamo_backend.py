@@ -12,7 +12,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
-from fp4compile.passes.recompute import RecomputeTagged
+from fp4compile.passes.joint import JointPasses
 
 
 INNER_COMPILERS = ("inductor", "aot_eager")
@@ -40,7 +40,7 @@ def prepare_inductor() -> None:
         from fp4compile.runtime.kernels.triton_operator import register_lowerings
 
         ops += [torch.ops.fp4compile.fp8_grad_operands.default, torch.ops.fp4compile.transpose_bytes.default,
-                torch.ops.fp4compile.fp4_rows.default]
+                torch.ops.fp4compile.fp4_rows.default, torch.ops.fp4compile.fp4_rows_swiglu.default]
         register_lowerings()
     add_needs_realized_inputs(ops)
 
@@ -150,9 +150,9 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
             patches.setdefault("emulate_precision_casts", True)
             if not on_cuda(example_inputs):
                 patches.update(cpu_vector_width(patches))
-            # Always (a no-op without tags): its uuid keys Inductor's cache on fp4compile's code.
+            # Always (also where it changes nothing): its uuid keys Inductor's cache on fp4compile's code.
             previous = patches.get("joint_custom_pre_pass", torch._inductor.config.joint_custom_pre_pass)
-            patches["joint_custom_pre_pass"] = RecomputeTagged(previous)
+            patches["joint_custom_pre_pass"] = JointPasses(previous)
             return compile_fx(gm, example_inputs, config_patches=patches)
         return lookup_backend(inner)(gm, example_inputs)
 

@@ -20,7 +20,7 @@ from fp4compile import FP4Config
 from fp4compile import dynamo_backend
 from fp4compile.dynamo_backend import fp4_backend, inductor_patches
 from fp4compile.passes.find_sites import clean_fqn
-from fp4compile.passes.recompute import RecomputeTagged
+from fp4compile.passes.joint import JointPasses
 from fp4compile.runtime.matmul import MatmulSpec, fp4_matmul_nt
 
 
@@ -119,8 +119,8 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     torch.testing.assert_close(torch.compile(model, backend="fp4", mode="reduce-overhead")(x), want)
     torch._dynamo.reset()
     torch.testing.assert_close(fp4compile.compile(model, options={"coordinate-descent-tuning": True})(x), want)
-    # The joint-graph pass (passes/recompute.py) rides along with whatever else is asked for.
-    assert all(isinstance(p.pop("joint_custom_pre_pass"), RecomputeTagged) for p in patches)
+    # The joint-graph passes (passes/joint.py) ride along with whatever else is asked for.
+    assert all(isinstance(p.pop("joint_custom_pre_pass"), JointPasses) for p in patches)
     exact = {"emulate_precision_casts": True, **dynamo_backend.cpu_vector_width({})}
     assert patches == [exact, {**exact, "triton.cudagraphs": True}, {**exact, "coordinate_descent_tuning": True}]
     torch._dynamo.reset()
@@ -617,7 +617,7 @@ def test_inductor_cache_is_keyed_on_fp4compiles_code(monkeypatch):
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
-    from fp4compile.passes import recompute
+    from fp4compile.passes import joint
 
     model, x = _mlp(), torch.randn(4, 64)
 
@@ -630,17 +630,17 @@ def test_inductor_cache_is_keyed_on_fp4compiles_code(monkeypatch):
     with fresh_cache():
         assert cache_hits() == 0
         assert cache_hits() == 2  # the forward and the backward
-        monkeypatch.setattr(recompute, "code_digest", lambda: "another version")
+        monkeypatch.setattr(joint, "code_digest", lambda: "another version")
         assert cache_hits() == 0
 
 
 def test_rotation_keeps_a_joint_graph_pass_already_set(monkeypatch):
     """The rotated recipe adds its joint-graph pass after one the user set, rather than replacing it."""
-    from fp4compile.passes import recompute
+    from fp4compile.passes import joint
 
     seen = []
-    ours = recompute.recompute_tagged
-    monkeypatch.setattr(recompute, "recompute_tagged", lambda graph: (seen.append("ours"), ours(graph)))
+    ours = joint.recompute_tagged
+    monkeypatch.setattr(joint, "recompute_tagged", lambda graph: (seen.append("ours"), ours(graph)))
     model = nn.Linear(64, 32)
     with torch._inductor.config.patch(joint_custom_pre_pass=lambda graph: seen.append("user's")):
         torch._dynamo.reset()

@@ -7,7 +7,8 @@ E2M1 values are exact in float8, so its cast of every other value is exact).
 Cases: ragged widths (1, 70, 2048, 5632: one row per program to four), a row stride wider than the
 row, the fused rotation (hadamard.rotate first) in each group size, float32 / bfloat16 / float16
 inputs, values on E2M1 rounding ties, a NaN, an inf, an all-zero row, a row tiny enough for the 2^-126
-scale floor, and negative values that round to -0. Run as ``TRITON_INTERPRET=1 python
+scale floor, and negative values that round to -0; and SwiGLU's product quantized (``fp4_rows_swiglu``)
+at each shape and rotation, against ``gemm_operand(silu(gate) * up)``. Run as ``TRITON_INTERPRET=1 python
 tests/test_fp4_rows_kernel.py``, this file prints the interpreter results.
 Ahead-of-time builds for sm_90 and sm_100 check the kernel compiles for both, on any machine.
 """
@@ -23,7 +24,7 @@ from conftest import bits_equal, run_interpreted
 triton = pytest.importorskip("triton")
 
 from fp4compile.runtime.hadamard import rotate, rotation_matrix  # noqa: E402
-from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows  # noqa: E402
+from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows, fp4_rows_swiglu  # noqa: E402
 from fp4compile.runtime.quantize import gemm_operand  # noqa: E402
 
 SHAPES = [(9, 70), (5, 2048), (3, 5632), (6, 1)]
@@ -55,6 +56,33 @@ def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0, dyadi
     return x.to(dtype).to(device)[:, :k]
 
 
+def _gate(m: int, k: int, dtype: torch.dtype, exact: bool) -> torch.Tensor:
+    """SwiGLU's gate [m, k] in ``dtype`` on the CPU, each value's silu the same in every FP32 computation of
+    it within 2^-16 (CUDA's, the CPU's, approximate divisions): where silu could round to either of two
+    ``dtype`` values, 0 (silu 0).
+    ``exact`` (FP32, where any such difference shows, and a rotation, whose sums must be exact in any
+    order: see _inputs): values whose silu rounds to themselves or to -0 (in FP32, whose exp over- or
+    underflows), and 0."""
+    g = torch.Generator().manual_seed(7 * m + k)
+    if exact:
+        choices = torch.tensor([0.0, 104.0, -90.0, -1000.0] if dtype == torch.float32 else [0.0, 16.0, 32.0, -1000.0])
+        return choices[torch.randint(0, len(choices), (m, k), generator=g)].to(dtype)
+    x = (torch.randn(m, k, generator=g) * 4).to(dtype)
+    silu = torch.nn.functional.silu(x.double())
+    clear = (silu * (1 + 2**-16)).to(dtype) == (silu * (1 - 2**-16)).to(dtype)
+    return torch.where(clear, x, torch.zeros((), dtype=dtype))
+
+
+def _swiglu_case(m: int, k: int, pad: int, dtype: torch.dtype, group, device: str) -> list:
+    exact = dtype == torch.float32 or group is not None
+    gate, up = _gate(m, k + pad, dtype, exact)[:, :k], _inputs(m, k, dtype, "cpu", pad, dyadic=group is not None)
+    x = torch.nn.functional.silu(gate) * up
+    got = fp4_rows_swiglu(gate.to(device), up.to(device),
+                          *([] if group is None else [rotation_matrix(group, device, dtype)]))
+    want = gemm_operand(x if group is None else rotate(x, group), "vector")
+    return [[tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)] for g, w in zip(got, want)]
+
+
 def _all_cases(device: str) -> dict:
     results = {}
     cases = [(shape, 0, None) for shape in SHAPES] + [((9, 70), 10, None)] + ROTATED
@@ -66,11 +94,12 @@ def _all_cases(device: str) -> dict:
             results[f"{m}x{k} pad {pad} rotation {group} {dtype}"] = [
                 [tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)]
                 for g, w in zip(got, want)]
+            results[f"swiglu {m}x{k} pad {pad} rotation {group} {dtype}"] = _swiglu_case(m, k, pad, dtype, group, device)
     return results
 
 
 def _check(results: dict) -> None:
-    assert len(results) == (len(SHAPES) + 1 + len(ROTATED)) * len(DTYPES)
+    assert len(results) == 2 * (len(SHAPES) + 1 + len(ROTATED)) * len(DTYPES)
     for name, outputs in results.items():
         assert outputs == [[True, True]] * 2, (name, outputs)  # shape and bits of the values, the scales
 
@@ -100,18 +129,44 @@ def test_gpu_matches_reference_at_llm_widths():
             assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), (k, "rotated")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_swiglu_matches_reference_and_inductors_unfused_code():
+    """SwiGLU's product quantized in the kernel at LLM widths: bit-exact against the reference where every
+    silu rounds alike (``_gate``), and on any inputs against what ran before the fusion: Inductor's code
+    storing silu(gate) * up (with the rounding casts the backend keeps), fp4_rows reading it back."""
+    import torch.nn.functional as F
+
+    def unfused(gate, up, *rotation):
+        return fp4_rows(F.silu(gate) * up, *rotation)
+
+    compiled = torch.compile(unfused, backend="inductor", options={"emulate_precision_casts": True})
+    g = torch.Generator().manual_seed(1)
+    for k in (2048, 5632, 14336):
+        gate, up = _gate(64, k, torch.bfloat16, exact=False), torch.randn(64, k, generator=g).bfloat16()
+        got = fp4_rows_swiglu(gate.cuda(), up.cuda())
+        want = gemm_operand(F.silu(gate) * up, "vector")
+        assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
+        gate, up = (torch.randn(256, k, generator=g).mul(4).bfloat16().cuda() for _ in range(2))
+        for rotation in ([], [rotation_matrix(128, "cuda", torch.bfloat16)]):
+            got, want = fp4_rows_swiglu(gate, up, *rotation), compiled(gate, up, *rotation)
+            assert all(bits_equal(a, b, INTERPRETED) for a, b in zip(got, want)), (k, len(rotation))
+
+
 def test_rows_too_wide_name_the_reference():
     with pytest.raises(ValueError, match="gemm_operand"):
         fp4_rows(torch.zeros(2, MAX_K + 1))
 
 
 @pytest.mark.parametrize("cc", [90, 100])
-@pytest.mark.parametrize("k, group", [(2048, 0), (MAX_K, 0), (2048, 128), (5632, 128), (MAX_K, 128), (2048, 16)])
-def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
+@pytest.mark.parametrize("k, group, swiglu", [(2048, 0, False), (MAX_K, 0, False), (2048, 128, False),
+                                              (5632, 128, False), (MAX_K, 128, False), (2048, 16, False),
+                                              (5632, 0, True), (MAX_K, 0, True), (5632, 128, True)])
+def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, swiglu):
     """On any machine: the kernel builds for sm_90 and sm_100 at the launch shape the operator picks,
     with an IEEE division for each row's reciprocal and Hopper's E4M3 conversion instruction; with a
     rotation, its dot on BF16 tensor cores (wgmma / tcgen05 kind::f16) rather than FP32 FMAs; without,
-    16-byte loads and stores and no tile moved through shared memory."""
+    16-byte loads and stores and no tile moved through shared memory, also with SwiGLU's product
+    computed from two inputs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -119,8 +174,9 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group):
 
     block_m, block_k, warps = rows._launch_shape(k)
     constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                  **({"GROUP": group, "FP32_DOT": False} if group else {})}
-    pointers = {"x_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
+                  "SWIGLU": swiglu, "INTERPRETED": False, **({"GROUP": group} if group else {})}
+    pointers = {"x_ptr": "*bf16", "up_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv",
+                "s_ptr": "*fp32"}
     signature = {**pointers, "M": "i32", "K": "i32", **{name: "constexpr" for name in constexprs}}
     kernel = rows._rotated_fp4_rows_kernel if group else rows._fp4_rows_kernel
     # pointers and K divisible by 16, as Triton specializes them at run time
@@ -142,41 +198,63 @@ def test_custom_op_schema_and_fake_match_the_kernel():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def _step(kernels: bool, recompute: bool = False, activation: str = "GELU") -> tuple[list, list]:
+class _SwiGLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up = (torch.nn.Linear(256, 768, bias=False) for _ in range(2))
+        self.down = torch.nn.Linear(768, 256, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def _step(kernels: bool, recompute: bool = False, activation: str = "GELU", fuse: bool = True) -> tuple:
     """A compiled MLP's step with the default recipe on the CPU, FP32 weights under BF16 autocast (as
-    train_lm.py trains): outputs and gradients, and the (dtype, shape) of what it saves for the backward
-    (weights left out). ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows,
-    weights quantized by it), its kernels run in Triton's interpreter; ``recompute``: recompute_activations
-    and recompute_weights on; ``activation``: the torch.nn module between the two linears."""
+    train_lm.py trains): outputs and gradients, the (dtype, shape) of what it saves for the backward
+    (weights left out), and how often the forward's and the backward's code call the fused SwiGLU
+    quantize. ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows, weights
+    quantized by it), its kernels run in Triton's interpreter; ``recompute``: recompute_activations and
+    recompute_weights on; ``activation``: the torch.nn module between the two linears, or "SwiGLU";
+    ``fuse``: passes/swiglu.py on."""
     import torch.nn as nn
+    from torch._inductor.utils import run_and_get_code
 
     import fp4compile
     from fp4compile import FP4Config
+    from fp4compile.passes import joint
     from fp4compile.runtime import matmul
 
-    fused_rows = matmul.fused_rows
+    fused_rows, fuse_swiglu = matmul.fused_rows, joint.fuse_swiglu_quantize
     if kernels:
         matmul.fused_rows = lambda x, format: format == "vector" and x.dim() > 0 and 0 < x.shape[-1] <= MAX_K
+    if not fuse:
+        joint.fuse_swiglu_quantize = lambda graph: 0
     try:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 768, bias=False), getattr(nn, activation)(),
-                              nn.Linear(768, 256, bias=False))
+        model = _SwiGLU() if activation == "SwiGLU" else nn.Sequential(
+            nn.Linear(256, 768, bias=False), getattr(nn, activation)(), nn.Linear(768, 256, bias=False))
         x = (torch.randint(-16, 17, (64, 256)) / 8).requires_grad_()  # dyadic: exact rotations
         saved = {}
         config = FP4Config(recompute_activations=recompute, recompute_weights=recompute)
         compiled = torch.compile(model, backend=fp4compile.backend(config))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            with torch.autograd.graph.saved_tensors_hooks(
-                    lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t), lambda t: t):
-                y = compiled(x)
-        y.float().square().mean().backward()
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autograd.graph.saved_tensors_hooks(
+                        lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t), lambda t: t):
+                    y = compiled(x)
+            y.float().square().mean().backward()
+            return y
+
+        y, codes = run_and_get_code(step)
     finally:
-        matmul.fused_rows = fused_rows
+        matmul.fused_rows, joint.fuse_swiglu_quantize = fused_rows, fuse_swiglu
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     results = [y, x.grad, *(p.grad for p in model.parameters())]
     return ([t.float().tolist() for t in results],
-            sorted([str(t.dtype), list(t.shape)] for k, t in saved.items() if k not in weights))
+            sorted([str(t.dtype), list(t.shape)] for k, t in saved.items() if k not in weights),
+            [code.count("fp4_rows_swiglu.default(") for code in codes])
 
 
 def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
@@ -187,19 +265,37 @@ def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
     the backward. Weights' FP8 values may differ there: Inductor's partitioner may recompute its own
     quantize of a weight in the backward, never the kernel's unless recompute_weights says so."""
     results = run_interpreted(__file__, "step")
-    (got, saved), (want, kept) = results["kernels"], results["reference"]
+    (got, saved, _), (want, kept, _) = results["kernels"], results["reference"]
     assert got == want
     assert [t for t in saved if 64 in t[1]] == [t for t in kept if 64 in t[1]]
     # With both recompute options the backward runs fp4_rows again on the input, the ReLU output (which
     # ReLU's backward keeps) and each weight: no FP8 values kept, and the same outputs and gradients.
     # ReLU, not GELU: a GELU recomputed in the backward's kernel rounded differently from the forward's
     # with torch 2.11 on the CPU, a difference of Inductor's, not of the quantize recomputed.
-    (got, saved), (want, kept) = results["recomputed"], results["kernels_relu"]
+    (got, saved, _), (want, kept, _) = results["recomputed"], results["kernels_relu"]
     assert got == want
     assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn"]
     assert [shape for dtype, shape in kept if dtype == "torch.float8_e4m3fn" and 64 in shape]
     assert sorted(shape for dtype, shape in kept if dtype == "torch.float8_e4m3fn" and 64 not in shape) == [
         [256, 768], [768, 256]]
+
+
+def test_compiled_swiglu_step_quantizes_the_product_where_it_is_computed():
+    """A SwiGLU MLP's compiled step on the CUDA path (Triton's interpreter): the forward quantizes
+    silu(gate) * up in one call of the fused operator, and with the recompute options the backward does
+    again, keeping no FP8 values; outputs and gradients as without the fusion, where Inductor's code
+    stores the product and fp4_rows reads it back (its CPU exp and the interpreter's may round a value of
+    silu differently: close, not bit for bit)."""
+    results = run_interpreted(__file__, "swiglu")
+    (fused, saved, calls), (unfused, kept, none) = results["fused"], results["unfused"]
+    assert calls == [1, 0] and none == [0, 0]  # forward, backward
+    assert saved == kept
+    for got, want in zip(fused, unfused):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-2, atol=1e-3)
+    (recomputed, saved, calls), (plain, _, _) = results["recomputed"], results["fused_plain"]
+    assert calls == [1, 1]
+    assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn"]
+    assert recomputed == plain  # the same kernel in the forward and again in the backward
 
 
 if __name__ == "__main__":
@@ -208,5 +304,9 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["step"]:
         print(json.dumps({"kernels": _step(True), "reference": _step(False),
                           "kernels_relu": _step(True, activation="ReLU"), "recomputed": _step(True, True, "ReLU")}))
+    elif sys.argv[1:] == ["swiglu"]:
+        print(json.dumps({"fused": _step(True, activation="SwiGLU"),
+                          "unfused": _step(True, activation="SwiGLU", fuse=False),
+                          "recomputed": _step(True, True, "SwiGLU"), "fused_plain": _step(True, activation="SwiGLU")}))
     else:
         print(json.dumps(_all_cases("cpu")))

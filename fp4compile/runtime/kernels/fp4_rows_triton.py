@@ -15,6 +15,12 @@ is first multiplied by it in groups of G along K (one tensor-core dot per progra
 accumulation, rounded to x's dtype as ``hadamard.rotate`` rounds it), so the rotated operand is never
 stored: the bits of ``gemm_operand(rotate(x, G), "vector")`` wherever the dot's FP32 sums are exact (the
 order of the additions is the kernel's own, as it is cuBLAS's in the reference's GEMM).
+
+``fp4_rows_swiglu(gate, up)`` quantizes SwiGLU's product ``silu(gate) * up`` (then rotated, with a
+matrix), computed in registers as Inductor's code computes it (silu as ``x / (1 + exp(-x))`` in FP32 with
+libdevice's exp, rounded to the inputs' dtype, times ``up``, rounded again): the product, which nothing
+else reads, is never stored. The joint-graph pass passes/swiglu.py puts it in place of ``fp4_rows`` of
+the product.
 """
 
 import os
@@ -22,6 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fp4compile.runtime.e2m1 import E2M1_MAX
 from fp4compile.runtime.kernels.triton_operator import define
@@ -32,35 +39,51 @@ MAX_K = 16384  # BLOCK_K FP32 values over 8 warps, 64 per thread
 
 
 @triton.jit
-def _rotated(x, r_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, FP32_DOT: tl.constexpr):
-    """x [BLOCK_M, BLOCK_K] times the [GROUP, GROUP] matrix at r_ptr in groups of GROUP along K, rounded
-    to x's dtype, in FP32. The dot multiplies x's own dtype on the tensor cores: BF16 and FP16 values
-    times the matrix's +-1 are exact products, summed in FP32 (2.4-2.9x faster than TF32 operands on an
-    H200: CHANGELOG.md); FP32 inputs take IEEE products. ``FP32_DOT`` (Triton's interpreter, whose BF16
-    and FP16 dots are wrong) upcasts both operands first: the same exact products."""
-    idx = tl.arange(0, GROUP)
-    r = tl.load(r_ptr + idx[:, None] * GROUP + idx[None, :])
-    groups = tl.reshape(x, (BLOCK_M * BLOCK_K // GROUP, GROUP))
-    if x.dtype == tl.float32 or FP32_DOT:
-        y = tl.dot(groups.to(tl.float32), r.to(tl.float32), input_precision="ieee")
-    else:
-        y = tl.dot(groups, r, out_dtype=tl.float32)
-    if x.dtype == tl.bfloat16:
+def _rounded(y, dtype: tl.constexpr):
+    """FP32 y rounded to ``dtype`` (as storing it would), kept in FP32."""
+    if dtype == tl.bfloat16:
         y = bf16_rne(y)
-    elif x.dtype == tl.float16:
+    elif dtype == tl.float16:
         y = y.to(tl.float16).to(tl.float32)
-    return tl.reshape(y, (BLOCK_M, BLOCK_K))
+    return y
 
 
 @triton.jit
-def _tile(x_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's BLOCK_M rows of x (x's dtype), their offsets and masks."""
+def _rotated(x, r_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+             INTERPRETED: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] (FP32 holding values of the matrix's dtype) times the [GROUP, GROUP] matrix at
+    r_ptr in groups of GROUP along K, rounded to that dtype, in FP32. The dot multiplies that dtype on the
+    tensor cores: BF16 and FP16 values times the matrix's +-1 are exact products, summed in FP32 (2.4-2.9x
+    faster than TF32 operands on an H200: CHANGELOG.md); FP32 inputs take IEEE products. In Triton's
+    interpreter, whose BF16 and FP16 dots are wrong, it multiplies in FP32: the same exact products."""
+    idx = tl.arange(0, GROUP)
+    r = tl.load(r_ptr + idx[:, None] * GROUP + idx[None, :])
+    groups = tl.reshape(x, (BLOCK_M * BLOCK_K // GROUP, GROUP))
+    if r.dtype == tl.float32 or INTERPRETED:
+        y = tl.dot(groups, r.to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(groups.to(r.dtype), r, out_dtype=tl.float32)
+    return tl.reshape(_rounded(y, r.dtype), (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def _tile(x_ptr, up_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr,
+          INTERPRETED: tl.constexpr):
+    """This program's BLOCK_M rows of x in FP32, their offsets and masks; with ``SWIGLU``, of silu(x) * up,
+    each rounded to x's dtype as Inductor's kernel for it rounds them (kept in FP32: Triton's interpreter
+    converts subnormals to BF16 wrong, and has no libdevice: numpy's exp there)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_K)
     rmask = rows < M
     mask = rmask[:, None] & (cols < K)[None, :]
     offsets = rows[:, None].to(tl.int64) * K + cols[None, :]
-    return tl.load(x_ptr + offsets, mask=mask, other=0.0), offsets, rows, rmask, mask
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if SWIGLU:
+        exp = tl.exp(-x) if INTERPRETED else libdevice.exp(-x)
+        silu = _rounded(x / (1.0 + exp), x_ptr.dtype.element_ty)
+        up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = _rounded(silu * up, x_ptr.dtype.element_ty)
+    return x, offsets, rows, rmask, mask
 
 
 @triton.jit
@@ -74,18 +97,18 @@ def _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX: tl.constex
 
 
 @triton.jit
-def _fp4_rows_kernel(x_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    x, offsets, rows, rmask, mask = _tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
-    _store_rows(x.to(tl.float32), offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
+def _fp4_rows_kernel(x_ptr, up_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr):
+    x, offsets, rows, rmask, mask = _tile(x_ptr, up_ptr, M, K, BLOCK_M, BLOCK_K, SWIGLU, INTERPRETED)
+    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
 
 
 @triton.jit
-def _rotated_fp4_rows_kernel(x_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                             FP32_DOT: tl.constexpr):
-    x, offsets, rows, rmask, mask = _tile(x_ptr, M, K, BLOCK_M, BLOCK_K)
-    x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP, FP32_DOT)
+def _rotated_fp4_rows_kernel(x_ptr, up_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr,
+                             MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SWIGLU: tl.constexpr, GROUP: tl.constexpr, INTERPRETED: tl.constexpr):
+    x, offsets, rows, rmask, mask = _tile(x_ptr, up_ptr, M, K, BLOCK_M, BLOCK_K, SWIGLU, INTERPRETED)
+    x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP, INTERPRETED)
     _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
 
 
@@ -97,7 +120,7 @@ def _launch_shape(k: int) -> tuple[int, int, int]:
     return block_m, block_k, block_m * block_k // 2048
 
 
-def _fp4_rows(ex, x, rotation=None):
+def _fp4_rows(ex, x, rotation=None, up=None):
     m, k = ex.size(x)
     width = ex.static(k)
     if width > MAX_K:
@@ -109,19 +132,32 @@ def _fp4_rows(ex, x, rotation=None):
     block_m, block_k, warps = _launch_shape(width)
     x = ex.contiguous(x)
     values, scale = ex.empty((m, k), torch.float8_e4m3fn), ex.empty((m, 1), torch.float32)
-    args = {"x_ptr": x, "v_ptr": values, "s_ptr": scale, "M": m, "K": k}
+    args = {"x_ptr": x, "up_ptr": x if up is None else ex.contiguous(up), "v_ptr": values, "s_ptr": scale,
+            "M": m, "K": k}
     meta = {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
-            "num_warps": warps}
+            "SWIGLU": up is not None, "INTERPRETED": os.environ.get("TRITON_INTERPRET") == "1", "num_warps": warps}
     if m and group:
         ex.run(_rotated_fp4_rows_kernel, (ex.cdiv(m, block_m),), {**args, "r_ptr": ex.contiguous(rotation)},
-               {**meta, "GROUP": group, "FP32_DOT": os.environ.get("TRITON_INTERPRET") == "1"})
+               {**meta, "GROUP": group})
     elif m:
         ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),), args, meta)
     return values, scale
 
 
+def _fp4_rows_swiglu(ex, gate, up, rotation=None):
+    if ex.size(gate) != ex.size(up) or ex.dtype(gate) != ex.dtype(up):
+        raise ValueError(f"fp4_rows_swiglu takes gate and up of one shape and dtype, got {ex.size(gate)} "
+                         f"{ex.dtype(gate)} and {ex.size(up)} {ex.dtype(up)}")
+    return _fp4_rows(ex, gate, rotation, up)
+
+
+def _fake(x, *args):
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
 # x [M, K] (CUDA, 0 < K <= MAX_K), optionally a [G, G] rotation of x's dtype (G dividing K) -> (E2M1
 # values in float8_e4m3fn [M, K], FP32 scale [M, 1]): gemm_operand(x, "vector"), or of hadamard.rotate(x, G).
-fp4_rows = define("fp4_rows(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor)", _fp4_rows,
-                  lambda x, rotation=None: (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-                                            x.new_empty((x.shape[0], 1), dtype=torch.float32)))
+fp4_rows = define("fp4_rows(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor)", _fp4_rows, _fake)
+# The same of x = silu(gate) * up (gate, up [M, K] of one dtype), x never stored.
+fp4_rows_swiglu = define("fp4_rows_swiglu(Tensor gate, Tensor up, Tensor? rotation=None) -> (Tensor, Tensor)",
+                         _fp4_rows_swiglu, _fake)
