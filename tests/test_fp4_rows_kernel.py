@@ -157,6 +157,12 @@ def test_rows_too_wide_name_the_reference():
         fp4_rows(torch.zeros(2, MAX_K + 1))
 
 
+def test_swiglu_operands_of_two_shapes_or_dtypes_name_the_unfused_form():
+    for up in (torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(2, 4)):
+        with pytest.raises(ValueError, match=r"fp4_rows\(silu\(gate\) \* up\)"):
+            fp4_rows_swiglu(torch.zeros(2, 4, dtype=torch.bfloat16), up)
+
+
 @pytest.mark.parametrize("cc", [90, 100])
 @pytest.mark.parametrize("k, group, swiglu", [(2048, 0, False), (MAX_K, 0, False), (2048, 128, False),
                                               (5632, 128, False), (MAX_K, 128, False), (2048, 16, False),
@@ -194,8 +200,9 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, swiglu):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_custom_op_schema_and_fake_match_the_kernel():
-    torch.library.opcheck(fp4_rows, (_inputs(9, 70, torch.bfloat16, "cuda"),),
-                          test_utils=("test_schema", "test_faketensor"))
+    x = _inputs(9, 70, torch.bfloat16, "cuda")
+    torch.library.opcheck(fp4_rows, (x,), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(fp4_rows_swiglu, (x, x.flip(0)), test_utils=("test_schema", "test_faketensor"))
 
 
 class _SwiGLU(torch.nn.Module):

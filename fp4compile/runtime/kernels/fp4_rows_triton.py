@@ -147,7 +147,8 @@ def _fp4_rows(ex, x, rotation=None, up=None):
 def _fp4_rows_swiglu(ex, gate, up, rotation=None):
     if ex.size(gate) != ex.size(up) or ex.dtype(gate) != ex.dtype(up):
         raise ValueError(f"fp4_rows_swiglu takes gate and up of one shape and dtype, got {ex.size(gate)} "
-                         f"{ex.dtype(gate)} and {ex.size(up)} {ex.dtype(up)}")
+                         f"{ex.dtype(gate)} and {ex.size(up)} {ex.dtype(up)}; for others quantize the product: "
+                         "fp4_rows(silu(gate) * up)")
     return _fp4_rows(ex, gate, rotation, up)
 
 
