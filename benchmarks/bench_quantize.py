@@ -1,6 +1,7 @@
 """Quantize-kernel bandwidth: the FP4 and FP8 quantize passes of an FP4 Linear as Inductor generates them
 from the reference ops (with Inductor's default settings, as the fp4 backend compiles), the Triton
-kernel for activations' FP4 operands (also after a SwiGLU, against Inductor's fusion of the two), the
+kernel for activations' FP4 operands (also of a SwiGLU's product: after Inductor's silu-multiply, fused
+into it by fp4_rows_swiglu, against Inductor's fusion of the two), the
 Triton kernel pair that quantizes dY for both gradient GEMMs, and the transpose kernel of the hopper path, in
 GB/s (bytes read + written), next to a plain device copy of the same input bytes; and how many values
 and scales differ in their bits from the CPU reference.
@@ -86,6 +87,7 @@ def main():
         ("fp4 SwiGLU output [16384x14336] inductor, fused", compiled(swiglu_rows), swiglu_rows, (g, u)),
         ("fp4 SwiGLU output [16384x14336] inductor silu*up, triton kernel",
          lambda a, b: fp4_rows_triton.fp4_rows(silu_mul(a, b)), swiglu_rows, (g, u)),
+        ("fp4 SwiGLU output [16384x14336] triton kernel, fused", fp4_rows_triton.fp4_rows_swiglu, swiglu_rows, (g, u)),
         ("fp8 grad for dX [16384x14336] inductor", compiled(grad_rows), grad_rows, (dy, col_scale)),
         ("fp8 grad^T for dW [14336x16384] inductor", compiled(grad_cols), grad_cols, (dy, row_scale)),
         ("fp8 grads for dX and dW [16384x14336] triton kernels", grad_both, grad_both, (dy, col_scale, row_scale)),

@@ -178,7 +178,7 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, swiglu):
 
     from fp4compile.runtime.kernels import fp4_rows_triton as rows
 
-    block_m, block_k, warps = rows._launch_shape(k)
+    block_m, block_k, warps = rows._launch_shape(k, bool(group))
     constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
                   "SWIGLU": swiglu, "INTERPRETED": False, **({"GROUP": group} if group else {})}
     pointers = {"x_ptr": "*bf16", "up_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv",

@@ -123,13 +123,27 @@ class Lowering:
         from torch._inductor.lowering import lowerings
 
         # The lowering torch.library.triton_op's launches get: Inductor's user-defined Triton kernel.
+        # Inductor drops num_warps passed as an argument (4 warps instead): as Dynamo does for such a
+        # launch, they travel in a one-config autotuner.
+        options = tuple((name, meta[name]) for name in _LAUNCH_OPTIONS if name in meta)
+        constants = {name: value for name, value in meta.items() if name not in _LAUNCH_OPTIONS}
         lowerings[triton_kernel_wrapper_mutation](
-            kernel_idx=kernel_side_table.add_kernel(kernel),
-            constant_args_idx=kernel_side_table.add_constant_args(meta),
+            kernel_idx=kernel_side_table.add_kernel(_with_options(kernel, options) if options else kernel),
+            constant_args_idx=kernel_side_table.add_constant_args(constants),
             grid=[(*grid, 1, 1)[:3]],
             tma_descriptor_metadata={},
             kwargs=args,
         )
+
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+@functools.cache
+def _with_options(kernel, options: tuple):
+    """``kernel`` as a one-config autotuner with these launch options (one object per pair, so the kernel
+    side table keeps one entry)."""
+    return triton.autotune(configs=[triton.Config({}, **dict(options))], key=[])(kernel)
 
 
 def define(schema: str, body, fake):
