@@ -1,10 +1,10 @@
 """Quantize-kernel bandwidth: the FP4 and FP8 quantize passes of an FP4 Linear as Inductor generates them
 from the reference ops (with Inductor's default settings, as the fp4 backend compiles), the Triton
-kernel for activations' FP4 operands (also of a SwiGLU's product: after Inductor's silu-multiply, fused
-into it by fp4_rows_swiglu, against Inductor's fusion of the two), the
-Triton kernel pair that quantizes dY for both gradient GEMMs, and the transpose kernel of the hopper path, in
-GB/s (bytes read + written), next to a plain device copy of the same input bytes; and how many values
-and scales differ in their bits from the CPU reference.
+kernel for activations' FP4 operands (also of a SwiGLU's product: after Inductor's silu-multiply, and
+computing it, as fp4_rows_swiglu, against Inductor's fusion of the two), the Triton kernel pair that
+quantizes dY for both gradient GEMMs, and the transpose kernel of the hopper path, in GB/s (bytes read +
+written), next to a plain device copy of the same input bytes; and how many values and scales differ in
+their bits from the CPU reference.
 
     PYTHONPATH=. python benchmarks/bench_quantize.py --out results/quantize.json
 """
