@@ -35,7 +35,7 @@ from fp4compile.runtime.kernels.triton_operator import define
 from fp4compile.runtime.kernels.triton_quantize import absmax_scale, bf16_rne, e2m1_rne, magnitude_bits
 from fp4compile.runtime.quantize import MIN_SCALE
 
-MAX_K = 16384  # BLOCK_K FP32 values over 8 warps, 64 per thread
+MAX_K = 16384  # BLOCK_K FP32 values over 8 warps, 64 per thread (rotated: 4 warps, 128)
 
 
 @triton.jit
