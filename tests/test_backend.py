@@ -728,18 +728,21 @@ def _llama_step(config):
     return [loss.detach(), *(p.grad for p in model.parameters())], kept
 
 
-def test_recompute_options_keep_no_fp8_values():
+@pytest.mark.parametrize("recipe", ["rotated", "dge"])
+def test_recompute_options_keep_no_fp8_values(recipe):
     """With recompute_activations, a Llama layer's step keeps no activation's FP8 values for the backward
     (it quantizes them again from what it keeps anyway: the norms' inputs and statistics, SwiGLU's inputs,
-    attention's output), no more of anything else, and computes the same loss and gradients, bit for bit
-    (with recompute_weights, from torch 2.13 on: conftest.CPU_CODEGEN_ROUNDS_AS_EAGER);
-    with recompute_weights too, no FP8 values at all."""
+    attention's output; without a rotation, from the forward's scales: matmul.requantized), no more of
+    anything else, and computes the same loss and gradients, bit for bit (with recompute_weights and a
+    rotation, from torch 2.13 on: conftest.CPU_CODEGEN_ROUNDS_AS_EAGER); with recompute_weights too, no
+    FP8 values at all."""
     (base, base_kept), (lean, lean_kept), (leanest, leanest_kept) = (
-        _llama_step(FP4Config(recompute_activations=a, recompute_weights=w)) for a, w in ((0, 0), (1, 0), (1, 1)))
+        _llama_step(FP4Config.from_recipe_name(recipe, recompute_activations=a, recompute_weights=w))
+        for a, w in ((0, 0), (1, 0), (1, 1)))
     assert all(torch.equal(b, a) for a, b in zip(base, lean, strict=True))
     # Before torch 2.13 the CPU code does not round the weight's rotation to BF16 before quantizing it
     # again in the backward (conftest), so other FP4 values multiply there (usage.md, recompute_weights).
-    if CPU_CODEGEN_ROUNDS_AS_EAGER:
+    if CPU_CODEGEN_ROUNDS_AS_EAGER or recipe == "dge":
         assert all(torch.equal(c, a) for a, c in zip(base, leanest, strict=True))
     assert not [s for d, s, _ in leanest_kept if d == "torch.float8_e4m3fn"]
     fp8 = lambda kept, activations: sorted(  # noqa: E731

@@ -215,14 +215,15 @@ class _SwiGLU(torch.nn.Module):
         return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
 
 
-def _step(kernels: bool, recompute: bool = False, activation: str = "GELU", fuse: bool = True) -> tuple:
-    """A compiled MLP's step with the default recipe on the CPU, FP32 weights under BF16 autocast (as
+def _step(kernels: bool, recompute: bool = False, activation: str = "GELU", fuse: bool = True,
+          recipe: str = "rotated") -> tuple:
+    """A compiled MLP's step with ``recipe`` on the CPU, FP32 weights under BF16 autocast (as
     train_lm.py trains): outputs and gradients, the (dtype, shape) of what it saves for the backward
     (weights left out), and how often the forward's and the backward's code call the fused SwiGLU
-    quantize. ``kernels``: the path CUDA takes (activations rotated and quantized by fp4_rows, weights
-    quantized by it), its kernels run in Triton's interpreter; ``recompute``: recompute_activations and
-    recompute_weights on; ``activation``: the torch.nn module between the two linears, or "SwiGLU";
-    ``fuse``: passes/swiglu.py on."""
+    quantize and the plain one. ``kernels``: the path CUDA takes (activations rotated and quantized by
+    fp4_rows, weights quantized by it), its kernels run in Triton's interpreter; ``recompute``:
+    recompute_activations and recompute_weights on; ``activation``: the torch.nn module between the two
+    linears, or "SwiGLU"; ``fuse``: passes/swiglu.py on."""
     import torch.nn as nn
     from torch._inductor.utils import run_and_get_code
 
@@ -243,7 +244,7 @@ def _step(kernels: bool, recompute: bool = False, activation: str = "GELU", fuse
             nn.Linear(256, 768, bias=False), getattr(nn, activation)(), nn.Linear(768, 256, bias=False))
         x = (torch.randint(-16, 17, (64, 256)) / 8).requires_grad_()  # dyadic: exact rotations
         saved = {}
-        config = FP4Config(recompute_activations=recompute, recompute_weights=recompute)
+        config = FP4Config.from_recipe_name(recipe, recompute_activations=recompute, recompute_weights=recompute)
         compiled = torch.compile(model, backend=fp4compile.backend(config))
 
         def step():
@@ -261,7 +262,8 @@ def _step(kernels: bool, recompute: bool = False, activation: str = "GELU", fuse
     results = [y, x.grad, *(p.grad for p in model.parameters())]
     return ([t.float().tolist() for t in results],
             sorted([str(t.dtype), list(t.shape)] for k, t in saved.items() if k not in weights),
-            [code.count("fp4_rows_swiglu.default(") for code in codes])
+            [code.count("fp4_rows_swiglu.default(") for code in codes],
+            [code.count("fp4_rows.default(") for code in codes])
 
 
 def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
@@ -272,14 +274,14 @@ def test_compiled_step_on_the_cuda_path_matches_the_reference_path():
     the backward. Weights' FP8 values may differ there: Inductor's partitioner may recompute its own
     quantize of a weight in the backward, never the kernel's unless recompute_weights says so."""
     results = run_interpreted(__file__, "step")
-    (got, saved, _), (want, kept, _) = results["kernels"], results["reference"]
+    (got, saved, *_), (want, kept, *_) = results["kernels"], results["reference"]
     assert got == want
     assert [t for t in saved if 64 in t[1]] == [t for t in kept if 64 in t[1]]
     # With both recompute options the backward runs fp4_rows again on the input, the ReLU output (which
     # ReLU's backward keeps) and each weight: no FP8 values kept, and the same outputs and gradients.
     # ReLU, not GELU: a GELU recomputed in the backward's kernel rounded differently from the forward's
     # with torch 2.11 on the CPU, a difference of Inductor's, not of the quantize recomputed.
-    (got, saved, _), (want, kept, _) = results["recomputed"], results["kernels_relu"]
+    (got, saved, *_), (want, kept, *_) = results["recomputed"], results["kernels_relu"]
     assert got == want
     assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn"]
     assert [shape for dtype, shape in kept if dtype == "torch.float8_e4m3fn" and 64 in shape]
@@ -294,15 +296,30 @@ def test_compiled_swiglu_step_quantizes_the_product_where_it_is_computed():
     stores the product and fp4_rows reads it back (its CPU exp and the interpreter's may round a value of
     silu differently: close, not bit for bit)."""
     results = run_interpreted(__file__, "swiglu")
-    (fused, saved, calls), (unfused, kept, none) = results["fused"], results["unfused"]
+    (fused, saved, calls, _), (unfused, kept, none, _) = results["fused"], results["unfused"]
     assert calls == [1, 0] and none == [0, 0]  # forward, backward
     assert saved == kept
     for got, want in zip(fused, unfused):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-2, atol=1e-3)
-    (recomputed, saved, calls), (plain, _, _) = results["recomputed"], results["fused_plain"]
+    (recomputed, saved, calls, _), (plain, *_) = results["recomputed"], results["fused_plain"]
     assert calls == [1, 1]
     assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn"]
     assert recomputed == plain  # the same kernel in the forward and again in the backward
+
+
+def test_recomputed_dge_step_quantizes_again_from_the_forward_scales():
+    """The dge recipe (no rotation) with both recompute options on the CUDA path (Triton's interpreter):
+    the backward quantizes the activations and weights again from the forward's scales in Inductor's own
+    code (matmul.requantized), calling no quantize operator; the forward still quantizes SwiGLU's product
+    in its kernel (the backward's reading of the product does not stop the fusion); of FP8 values only
+    the step's input's are kept, transposed (the partitioner keeps them rather than the input in BF16,
+    which nothing else keeps); outputs and gradients as without the options, bit for bit."""
+    results = run_interpreted(__file__, "dge")
+    (recomputed, saved, fused, rows), (plain, kept, _, plain_rows) = results["recomputed"], results["plain"]
+    assert fused == [1, 0] and rows[1] == 0 and plain_rows[0] == rows[0]
+    fp8 = lambda tensors: sorted(shape for dtype, shape in tensors if dtype == "torch.float8_e4m3fn")  # noqa: E731
+    assert fp8(saved) == [[256, 64]] and len(fp8(kept)) > 1
+    assert recomputed == plain
 
 
 if __name__ == "__main__":
@@ -315,5 +332,8 @@ if __name__ == "__main__":
         print(json.dumps({"fused": _step(True, activation="SwiGLU"),
                           "unfused": _step(True, activation="SwiGLU", fuse=False),
                           "recomputed": _step(True, True, "SwiGLU"), "fused_plain": _step(True, activation="SwiGLU")}))
+    elif sys.argv[1:] == ["dge"]:
+        print(json.dumps({"recomputed": _step(True, True, "SwiGLU", recipe="dge"),
+                          "plain": _step(True, activation="SwiGLU", recipe="dge")}))
     else:
         print(json.dumps(_all_cases("cpu")))

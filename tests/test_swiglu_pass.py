@@ -72,6 +72,36 @@ def forward(self, gate_1, up_1):
                         tracing_mode="fake")(torch.randn(16, 64), torch.randn(16, 64, dtype=torch.bfloat16))
         self.assertEqual(fuse_swiglu_quantize(mixed.graph), 0)
 
+    def test_product_the_backward_reads_still_fuses(self):
+        """A product that only the backward reads besides the quantize (where the backward quantizes it
+        again: matmul.requantized; AOTAutograd tags the joint graph's nodes): fused in the forward, the
+        product left to the backward, where the partitioner computes it from gate and up."""
+
+        def down_operand(gate, up):
+            product = F.silu(gate) * up
+            return fp4_rows(product), product * 2
+
+        gm = _traced(down_operand, (16, 64), (16, 64))
+        (quantize,) = gm.graph.find_nodes(op="call_function", target=torch.ops.fp4compile.fp4_rows.default)
+        for reader in quantize.args[0].users:
+            reader.meta["partitioner_tag"] = "is_backward" if reader is not quantize else "is_forward"
+        count, code = _fused(gm)
+        self.assertEqual(count, 1)
+        self.assertExpectedInline(code, """\
+def forward(self, gate_1, up_1):
+    convert_element_type = torch.ops.prims.convert_element_type.default(gate_1, torch.float32)
+    neg = torch.ops.aten.neg.default(convert_element_type)
+    exp = torch.ops.aten.exp.default(neg);  neg = None
+    add = torch.ops.aten.add.Tensor(exp, 1);  exp = None
+    div = torch.ops.aten.div.Tensor(convert_element_type, add);  convert_element_type = add = None
+    convert_element_type_1 = torch.ops.prims.convert_element_type.default(div, torch.bfloat16);  div = None
+    mul = torch.ops.aten.mul.Tensor(convert_element_type_1, up_1);  convert_element_type_1 = None
+    fp4_rows_swiglu_default = torch.ops.fp4compile.fp4_rows_swiglu.default(gate_1, up_1);  gate_1 = up_1 = None
+    getitem = fp4_rows_swiglu_default[0]
+    getitem_1 = fp4_rows_swiglu_default[1];  fp4_rows_swiglu_default = None
+    mul_1 = torch.ops.aten.mul.Tensor(mul, 2);  mul = None
+    return ((getitem, getitem_1), mul_1)""")
+
     def test_float32_product_and_silu_undecomposed(self):
         def down_operand(gate, up):
             return fp4_rows(F.silu(gate) * up)

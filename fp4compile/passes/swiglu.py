@@ -4,8 +4,10 @@
 Unfused, Inductor stores the product in BF16 for the quantize kernel to read back (a user Triton kernel
 takes no producer into it): per element 2 bytes written and read again between two kernels. Fused, the
 down projection's input costs one read of gate and up, in the forward and, with
-``FP4Config.recompute_activations``, again in the backward. The product must have no other reader
-(SwiGLU's backward reads gate and up, not the product), and silu must be what the kernel computes: as
+``FP4Config.recompute_activations``, again in the backward. The product must have no other reader in
+the forward (SwiGLU's backward reads gate and up, not the product; where the backward quantizes the
+product again from the forward's scales, it computes the product from them there), and silu must be
+what the kernel computes: as
 Inductor decomposes it, ``x / (1 + exp(-x))`` in FP32 rounded to the inputs' dtype, or ``aten.silu``,
 which CUDA computes so. Gate and up of another shape or dtype than the product, or not contiguous,
 keep the unfused form.
@@ -69,8 +71,14 @@ def _operands(product):
     return None
 
 
+def in_backward(node: fx.Node) -> bool:
+    """Whether AOTAutograd traced ``node`` for the joint graph's backward (its partitioner's tag; a node
+    without it counts as the forward's)."""
+    return node.meta.get("partitioner_tag") == "is_backward"
+
+
 def fuse_swiglu_quantize(graph: fx.Graph) -> int:
-    """Fuse every ``fp4_rows`` of a SwiGLU product (through views) whose product nothing else reads.
+    """Fuse every ``fp4_rows`` of a SwiGLU product (through views) that nothing else in the forward reads.
     Returns how many it fused."""
     fused = 0
     for node in list(graph.nodes):
@@ -82,7 +90,8 @@ def fuse_swiglu_quantize(graph: fx.Graph) -> int:
             chain.append(chain[-1].args[0])
         product = chain[-1]
         operands = _operands(product)
-        if operands is None or any(len(n.users) != 1 for n in chain):
+        readers = [u for n in chain for u in n.users if u is not node and u not in chain]
+        if operands is None or not all(in_backward(u) for u in readers):
             continue
         with graph.inserting_before(node):
             inputs = [_view_like(graph, t, x, node) for t in operands]

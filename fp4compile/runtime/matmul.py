@@ -23,7 +23,7 @@ from fp4compile.runtime.hadamard import rotate, rotation_matrix
 from fp4compile.runtime.gemm import (block_gemm, native_block, native_block_gemm, native_gemm, row_scale_as_columns,
                                      scaled_gemm)
 from fp4compile.runtime.occ import occ_clamp
-from fp4compile.runtime.quantize import gemm_operand, scaled_domain
+from fp4compile.runtime.quantize import gemm_operand, operand_values, scaled_domain
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,39 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     kernel where it runs (``fused_rows``): Inductor's reference reads each row twice, and computes an
     activation's producer twice where it fuses the two (kernels/fp4_rows_triton.py). With
     config.recompute_activations (recompute_weights) an activation's (a weight's) quantize is recomputed in
-    the backward (``recomputed``)."""
+    the backward as it ran here (``recomputed``), unless the backward quantizes it again from its
+    scales (``requantized``)."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
-    with recomputed(config.recompute_weights if is_weight else config.recompute_activations):
+    recompute = config.recompute_weights if is_weight else config.recompute_activations
+    with recomputed(recompute and not requantized(is_weight, config, packed)):
         values, outer, operand = _quantized(x, is_weight, config, packed, rotation)
     return values, outer, residual, operand
+
+
+def requantized(is_weight: bool, config: FP4Config, packed: bool = False) -> bool:
+    """Whether config.recompute_activations (recompute_weights) has the backward quantize this operand
+    again from what the forward quantized, with the forward's scale (``backward_values``): an elementwise
+    pass that Inductor fuses into whatever recomputes the operand (an RMSNorm, SwiGLU's product) and that
+    stores the values transposed, as the backward's GEMM takes them, in place of the quantize kernel run
+    again and a transpose kernel. For one scale per row or per tensor ("vector", "tensor"), the
+    forward's values multiplied in the backward, and no rotation inside an activation's quantize kernel
+    (where CUDA rotates it); other operands are recomputed as the forward computed them."""
+    if not (config.recompute_weights if is_weight else config.recompute_activations):
+        return False
+    return (config.format in ("vector", "tensor") and config.backward_operands == "quantized" and not packed
+            and (is_weight or not config.rotation))
+
+
+def backward_values(v: torch.Tensor, outer: torch.Tensor | None, requantize: bool, config: FP4Config):
+    """An operand's FP4 values transposed, as the backward's GEMMs multiply dY by them: the forward's
+    values ``v`` (a view), or for an operand ``requantized``, ``v`` is what the forward quantized and its
+    values are computed again with its forward scale ``outer``: the same bits, stored transposed."""
+    if not requantize:
+        return v.mT
+    return operand_values(v, config.format, outer).mT.contiguous()
 
 
 def _quantized(x, is_weight: bool, config: FP4Config, packed: bool, rotation: int | None):
@@ -187,6 +212,7 @@ class FP4MatmulNT(torch.autograd.Function):
         # The compensation GEMMs run in the dtype the original op computed in (bf16 under autocast).
         dtype = spec.out_dtype or a.dtype
         packed = native_block(a, b, cfg.format)
+        requantize = (requantized(spec.a_is_weight, cfg, packed), requantized(spec.b_is_weight, cfg, packed))
         shapes = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
         # DGE re-derives a weight's scaled values from the weight itself (rotated again where it was).
         a_dge = a if spec.a_is_weight and cfg.dge else None
@@ -195,16 +221,21 @@ class FP4MatmulNT(torch.autograd.Function):
             a, b, (va, oa, ra, pa), (vb, ob, rb, pb) = forward_operands(
                 a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed)
             y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
-            # DGE's scales are the forward's (A's times the rotation's power of two again: exact).
-            a_outer = None if a_dge is None else oa * cfg.rotation if cfg.rotation else oa
-            b_outer = None if b_dge is None else ob
+            # DGE's and a requantized operand's scales are the forward's (A's times the rotation's power
+            # of two again: exact).
+            a_outer = None if a_dge is None and not requantize[0] else oa * cfg.rotation if cfg.rotation else oa
+            b_outer = None if b_dge is None and not requantize[1] else ob
             if ra is not None:
                 y = y + ra @ b.to(dtype).mT
             if rb is not None:
                 y = y + (va.float() * oa).to(dtype) @ rb.mT
             if bias is not None:
                 y = y + bias.to(dtype)
-        ctx.save_for_backward(*backward_operands(a, b, va, oa, vb, ob, cfg), ra, rb, a_dge, b_dge, a_outer, b_outer)
+        va, oa, vb, ob = backward_operands(a, b, va, oa, vb, ob, cfg)
+        # A requantized operand keeps what was quantized, not its values (backward_values).
+        va, vb = a if requantize[0] else va, b if requantize[1] else vb
+        ctx.save_for_backward(va, oa, vb, ob, ra, rb, a_dge, b_dge, a_outer, b_outer)
+        ctx.requantize = requantize
         ctx.spec = spec
         ctx.shapes = shapes
         ctx.dtype = dtype
@@ -221,14 +252,14 @@ class FP4MatmulNT(torch.autograd.Function):
             grad_a, grad_b = _grad_operands(dy, ob, oa, cfg.grad_dtype, need_a, need_b)
             one = ob.new_ones(())
             if need_a:
-                da = scaled_gemm(*grad_a, vb.mT, one, a_dtype)
+                da = scaled_gemm(*grad_a, backward_values(vb, b_outer, ctx.requantize[1], cfg), one, a_dtype)
                 if a_dge is not None:
                     da = da * dge_factor(a_dge, cfg, ctx.dtype, a_outer).to(a_dtype)
                 if rb is not None:
                     da = da + (dy @ rb.to(dy.dtype)).to(a_dtype)
                 da = unrotate_grad(da, cfg, a_side=True).sum_to_size(a_shape)
             if need_b:
-                db = scaled_gemm(*grad_b, va.mT, one, b_dtype)
+                db = scaled_gemm(*grad_b, backward_values(va, a_outer, ctx.requantize[0], cfg), one, b_dtype)
                 if b_dge is not None:
                     db = db * dge_factor(b_dge, cfg, ctx.dtype, b_outer).to(b_dtype)
                 if ra is not None:

@@ -301,6 +301,15 @@ def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", genera
     return (values * stored.float()).reshape(x.shape).to(torch.bfloat16), tensor_scale
 
 
+def operand_values(x: torch.Tensor, format: str, outer: torch.Tensor) -> torch.Tensor:
+    """``gemm_operand(x, format)``'s values ("vector", "tensor") from the outer scale it returned: x times
+    the scale's reciprocal, rounded to E2M1, in float8_e4m3fn; the same bits, with no reduction over x."""
+    if format not in ("vector", "tensor"):
+        raise ValueError(f"operand_values takes the 'vector' and 'tensor' formats (one scale per row or per "
+                         f"tensor), got {format!r}")
+    return e2m1.round_to_e2m1(scaled_domain(x, format, outer)).to(torch.float8_e4m3fn)
+
+
 def scaled_domain(x: torch.Tensor, format: str, outer: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` divided by its scales along the last dim, before rounding: the [-6, 6] domain DGE works in.
     ``outer``: ``gemm_operand(x, format)``'s outer scale, taken as x's scales where it is the only one
