@@ -414,6 +414,43 @@ def test_rotated_recipe_rotates_activations_inside_their_quantize():
 
 
 @needs_fp8
+@pytest.mark.parametrize("recipe", ["dge", "rotated"])
+def test_recompute_options_quantize_again_from_the_forward_scales(recipe):
+    """Both recompute options in a compiled step on the FP8 path: outputs and gradients as without them,
+    bit for bit. What the backward quantizes again from the forward's scales (matmul.requantized: the
+    weights, and without a rotation the activations too) it computes in Inductor's own kernels, stored
+    transposed: no quantize or transpose kernel for it. The rotated recipe's activations are rotated and
+    quantized again by the fused kernel (x, h; SwiGLU's product from gate and up), then transposed."""
+    from torch._inductor.utils import run_and_get_code
+
+    steps = []
+    for recompute in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = _SharedInputs().cuda().bfloat16()
+        x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        config = FP4Config.from_recipe_name(recipe, recompute_activations=recompute, recompute_weights=recompute)
+        compiled = torch.compile(model, backend=fp4compile.backend(config), options=PYTHON_WRAPPER)
+
+        def step():
+            y = compiled(x)
+            y.float().square().mean().backward()
+            return y
+
+        y, codes = run_and_get_code(step)
+        steps.append(([y, x.grad, *(p.grad for p in model.parameters())], codes[-1]))
+    (plain, _), (recomputed, backward) = steps
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed, strict=True))
+
+    def launches(kernel):
+        return len(re.findall(rf"\b{kernel}_\d+\.run\(", backward))
+
+    rotated = recipe == "rotated"
+    assert launches("_fp4_rows_kernel") == 0
+    assert launches("_rotated_fp4_rows_kernel") == launches("_transpose_tiles") == (3 if rotated else 0)
+
+
+@needs_fp8
 def test_lowered_kernels_take_symbolic_token_counts():
     """Compiled with dynamic shapes, the quantize kernels' grids and sizes are symbolic: they are still
     launched from Inductor's code (no operator call), and the step agrees with the static-shape compile
