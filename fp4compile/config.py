@@ -42,13 +42,16 @@ class FP4Config:
     recompute_activations: quantize (and rotate) each activation operand again in the backward instead
         of keeping its FP8 values for it, from what the backward keeps anyway (an RMSNorm's input and
         statistics, SwiGLU's inputs, attention's output): one byte less per element of every quantized
-        activation at the cost of a second quantize pass in the backward; the same values are quantized
+        activation. Without a rotation the values are rounded again with the forward's scales, in the
+        kernel Inductor generates to recompute the activation, and stored transposed as the backward's
+        GEMM takes them; with one, the rotate-quantize kernel runs again. The same values are quantized
         (up to an activation function Inductor recomputes in another kernel, or gradients summed in
         another order: last bits).
         Not with OCC (its quantile selection would run again too) or the unbiased backwards. Inductor's
         partitioner does it: with inner="aot_eager" the FP8 values are kept.
-    recompute_weights: likewise for weights: quantized again in the backward from the parameters (DGE
-        rotates them again anyway), one byte per parameter less. Not with the unbiased backwards.
+    recompute_weights: likewise for weights: rounded again in the backward from the parameters (DGE
+        rotates them again anyway) with the forward's scales, one byte per parameter less. Not with the
+        unbiased backwards.
     include, exclude: which sites to quantize, by the FQN of their module in the root model
         ("model.layers.0.mlp.up_proj"), the same under regional compilation (each block compiled), graph
         breaks, @train_step and DDP/FSDP wrappers: a sequence of fnmatch patterns, or a callable taking the

@@ -73,13 +73,17 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
-    recompute = config.recompute_weights if is_weight else config.recompute_activations
-    with recomputed(recompute and not requantized(is_weight, config, packed)):
+    with recomputed(recompute_asked(is_weight, config) and not requantized(is_weight, config)):
         values, outer, operand = _quantized(x, is_weight, config, packed, rotation)
     return values, outer, residual, operand
 
 
-def requantized(is_weight: bool, config: FP4Config, packed: bool = False) -> bool:
+def recompute_asked(is_weight: bool, config: FP4Config) -> bool:
+    """config.recompute_weights for a weight, config.recompute_activations for an activation."""
+    return config.recompute_weights if is_weight else config.recompute_activations
+
+
+def requantized(is_weight: bool, config: FP4Config) -> bool:
     """Whether config.recompute_activations (recompute_weights) has the backward quantize this operand
     again from what the forward quantized, with the forward's scale (``backward_values``): an elementwise
     pass that Inductor fuses into whatever recomputes the operand (an RMSNorm, SwiGLU's product) and that
@@ -87,10 +91,8 @@ def requantized(is_weight: bool, config: FP4Config, packed: bool = False) -> boo
     again and a transpose kernel. For one scale per row or per tensor ("vector", "tensor"), the
     forward's values multiplied in the backward, and no rotation inside an activation's quantize kernel
     (where CUDA rotates it); other operands are recomputed as the forward computed them."""
-    if not (config.recompute_weights if is_weight else config.recompute_activations):
-        return False
-    return (config.format in ("vector", "tensor") and config.backward_operands == "quantized" and not packed
-            and (is_weight or not config.rotation))
+    return (recompute_asked(is_weight, config) and config.format in ("vector", "tensor")
+            and config.backward_operands == "quantized" and (is_weight or not config.rotation))
 
 
 def backward_values(v: torch.Tensor, outer: torch.Tensor | None, requantize: bool, config: FP4Config):
@@ -212,7 +214,7 @@ class FP4MatmulNT(torch.autograd.Function):
         # The compensation GEMMs run in the dtype the original op computed in (bf16 under autocast).
         dtype = spec.out_dtype or a.dtype
         packed = native_block(a, b, cfg.format)
-        requantize = (requantized(spec.a_is_weight, cfg, packed), requantized(spec.b_is_weight, cfg, packed))
+        requantize = (requantized(spec.a_is_weight, cfg), requantized(spec.b_is_weight, cfg))
         shapes = (a.shape, a.dtype, b.shape, b.dtype, None if bias is None else (bias.shape, bias.dtype))
         # DGE re-derives a weight's scaled values from the weight itself (rotated again where it was).
         a_dge = a if spec.a_is_weight and cfg.dge else None
