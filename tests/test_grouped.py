@@ -172,6 +172,32 @@ def test_bfloat16_keeps_its_dtype_and_compiles_like_eager():
         assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
+def test_recompute_weights_keeps_no_fp8_expert_weights():
+    """The experts' FP4 values are recomputed in the backward with recompute_weights (their quantize
+    tagged for Inductor's partitioner) and kept without it; the same gradients either way."""
+    import fp4compile
+
+    x, w, dy = (t.bfloat16() for t in _inputs())
+    offs = torch.tensor(OFFS, dtype=torch.int32)
+    results = []
+    for recompute in (False, True):
+        torch._dynamo.reset()
+        wp = torch.nn.Parameter(w.clone())
+        xc = x.clone().requires_grad_()
+        config = FP4Config.from_recipe_name("dge", recompute_weights=recompute)
+        moe = torch.compile(lambda x, offs: torch._grouped_mm(x, wp.transpose(-2, -1), offs=offs),
+                            backend=fp4compile.backend(config))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = moe(xc, offs)
+        y.backward(dy)
+        fp8 = [tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn and t.dim() == 3]
+        results.append((fp8, [y, xc.grad, wp.grad]))
+    (kept, plain), (recomputed, got) = results
+    assert kept and not recomputed
+    assert all(torch.equal(a, b) for a, b in zip(plain, got))
+
+
 def test_emulation_is_exact_fp32_per_group():
     a, b = torch.randn(10, 8), torch.randn(3, 4, 8)
     offs = torch.tensor([2, 2, 9], dtype=torch.int32)

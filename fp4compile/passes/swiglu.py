@@ -3,14 +3,14 @@
 
 Unfused, Inductor stores the product in BF16 for the quantize kernel to read back (a user Triton kernel
 takes no producer into it): per element 2 bytes written and read again between two kernels. Fused, the
-down projection's input costs one read of gate and up, in the forward and, with
-``FP4Config.recompute_activations``, again in the backward. The product must have no other reader in
-the forward (SwiGLU's backward reads gate and up, not the product; where the backward quantizes the
-product again from the forward's scales, it computes the product from them there), and silu must be
-what the kernel computes: as
+down projection's input costs one read of gate and up in the forward and, with a rotation and
+``FP4Config.recompute_activations``, again in the backward (without a rotation the backward rounds the
+product again from the forward's scales in Inductor's own kernel: matmul.requantized). The product must
+have no other reader in the forward (SwiGLU's backward reads gate and up, not the product; a backward
+that rounds it again computes it there from them), and silu must be what the kernel computes: as
 Inductor decomposes it, ``x / (1 + exp(-x))`` in FP32 rounded to the inputs' dtype, or ``aten.silu``,
-which CUDA computes so. Gate and up of another shape or dtype than the product, or not contiguous,
-keep the unfused form.
+which CUDA computes so. Gate and up of another shape or dtype than the product, or not contiguous, keep
+the unfused form.
 """
 
 import torch

@@ -59,7 +59,7 @@ def _rows_operand(x: torch.Tensor, rotation: int | None = None):
 
 
 def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool = False,
-              rotation: int | None = None):
+              rotation: int | None = None, requantize: bool = False):
     """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
     kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
     into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: the
@@ -67,13 +67,13 @@ def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed:
     kernel where it runs (``fused_rows``): Inductor's reference reads each row twice, and computes an
     activation's producer twice where it fuses the two (kernels/fp4_rows_triton.py). With
     config.recompute_activations (recompute_weights) an activation's (a weight's) quantize is recomputed in
-    the backward as it ran here (``recomputed``), unless the backward quantizes it again from its
-    scales (``requantized``)."""
+    the backward as it ran here (``recomputed``), unless the caller's backward quantizes it again from
+    its scales (``requantize``: ``requantized``)."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
-    with recomputed(recompute_asked(is_weight, config) and not requantized(is_weight, config)):
+    with recomputed(recompute_asked(is_weight, config) and not requantize):
         values, outer, operand = _quantized(x, is_weight, config, packed, rotation)
     return values, outer, residual, operand
 
@@ -131,7 +131,7 @@ def rotated(x: torch.Tensor, is_weight: bool, config: FP4Config, dtype: torch.dt
         return rotate(x.to(dtype), config.rotation)
 
 
-def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool):
+def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool, requantize: bool):
     """(x as the GEMM multiplies it, ``_quantize``'s tuple) of one forward operand, rotated along K where
     config.rotation says. An activation that nothing but its quantize reads rotated (OCC off, quantized
     backward operands), where the quantize kernel runs, is rotated inside it and comes back unrotated.
@@ -139,22 +139,23 @@ def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: 
     ``dtype``) for DGE: through the kernel, the partitioner saved the kernel's output and the weight's
     cast (3 bytes per parameter under autocast with FP32 weights)."""
     if not config.rotation:
-        return x, _quantize(x, is_weight, config, dtype, packed)
+        return x, _quantize(x, is_weight, config, dtype, packed, requantize=requantize)
     if (is_weight or config.occ or config.backward_operands == "original" or packed
             or not fused_rows(x, config.format)):
         x = rotated(x, is_weight, config, dtype)
-        return x, _quantize(x, is_weight, config, dtype, packed)
+        return x, _quantize(x, is_weight, config, dtype, packed, requantize=requantize)
     x = x.to(dtype)
-    return x, _quantize(x, is_weight, config, dtype, packed, config.rotation)
+    return x, _quantize(x, is_weight, config, dtype, packed, config.rotation, requantize)
 
 
 def forward_operands(a, b, a_is_weight: bool, b_is_weight: bool, config: FP4Config, dtype: torch.dtype,
-                     packed: bool = False):
+                     packed: bool = False, requantize: tuple[bool, bool] = (False, False)):
     """Both forward operands rotated along K (config.rotation) and quantized (``_operand``): (a, b as
     the GEMM multiplies them, (va, oa, ra, pa), (vb, ob, rb, pb)). With a rotation, (a D H')(b D H')^T =
-    rotation * a b^T, so A's side (its scale and OCC residual) takes the power of two out, exactly."""
-    a, (va, oa, ra, pa) = _operand(a, a_is_weight, config, dtype, packed)
-    b, qb = _operand(b, b_is_weight, config, dtype, packed)
+    rotation * a b^T, so A's side (its scale and OCC residual) takes the power of two out, exactly.
+    ``requantize``: which operands the caller's backward quantizes again from their scales."""
+    a, (va, oa, ra, pa) = _operand(a, a_is_weight, config, dtype, packed, requantize[0])
+    b, qb = _operand(b, b_is_weight, config, dtype, packed, requantize[1])
     if config.rotation:
         oa, ra = oa / config.rotation, None if ra is None else ra / config.rotation
     return a, b, (va, oa, ra, pa), qb
@@ -221,7 +222,7 @@ class FP4MatmulNT(torch.autograd.Function):
         b_dge = b if spec.b_is_weight and cfg.dge else None
         with torch.autocast(a.device.type, enabled=False):
             a, b, (va, oa, ra, pa), (vb, ob, rb, pb) = forward_operands(
-                a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed)
+                a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed, requantize)
             y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
             # DGE's and a requantized operand's scales are the forward's (A's times the rotation's power
             # of two again: exact).
