@@ -11,6 +11,7 @@ from conftest import older_cpu_codegen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fp4compile
 from fp4compile import FP4Config, fake_quantize
 from fp4compile.runtime import hopper
 from fp4compile.runtime.dge import dge_derivative
@@ -175,8 +176,6 @@ def test_bfloat16_keeps_its_dtype_and_compiles_like_eager():
 def test_recompute_weights_keeps_no_fp8_expert_weights():
     """The experts' FP4 values are recomputed in the backward with recompute_weights (their quantize
     tagged for Inductor's partitioner) and kept without it; the same gradients either way."""
-    import fp4compile
-
     x, w, dy = (t.bfloat16() for t in _inputs())
     offs = torch.tensor(OFFS, dtype=torch.int32)
     results = []
