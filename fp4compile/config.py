@@ -50,8 +50,9 @@ class FP4Config:
         Not with OCC (its quantile selection would run again too) or the unbiased backwards. Inductor's
         partitioner does it: with inner="aot_eager" the FP8 values are kept.
     recompute_weights: likewise for weights: rounded again in the backward from the parameters (DGE
-        rotates them again anyway) with the forward's scales, one byte per parameter less. Not with the
-        unbiased backwards.
+        rotates them again anyway) with the forward's scales ("vector" and "tensor"; block formats and
+        MoE experts run their quantize again), one byte per parameter less. Not with the unbiased
+        backwards.
     include, exclude: which sites to quantize, by the FQN of their module in the root model
         ("model.layers.0.mlp.up_proj"), the same under regional compilation (each block compiled), graph
         breaks, @train_step and DDP/FSDP wrappers: a sequence of fnmatch patterns, or a callable taking the

@@ -15,8 +15,9 @@ graph), and this pass marks their nodes MUST_RECOMPUTE:
   values. Untagged, the partitioner never recomputes the quantize kernel (a custom operator) or a
   rotation GEMM; tagged without the option, a rotation alone had it save the BF16 activation instead of
   the quantized values.
-- With ``FP4Config.recompute_weights``, likewise weights' quantization in the block formats: from the
-  parameters, which the backward keeps anyway (DGE reads them), instead of their FP8 values.
+- With ``FP4Config.recompute_weights``, likewise weights' quantization in the block formats and MoE
+  experts' (``grouped.FP4GroupedMM``): from the parameters, which the backward keeps anyway (DGE reads
+  them), instead of their FP8 values.
 """
 
 import torch.fx as fx
