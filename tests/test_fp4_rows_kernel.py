@@ -1,6 +1,7 @@
 """The Triton kernel for an activation's FP4 operand (kernels/fp4_rows_triton.py) against its reference,
-``gemm_operand(x, "vector")``: bit-exact values and scales on a CUDA device; on CPU in Triton's
-interpreter (a subprocess, as in test_fp8_grad_kernel.py), where scales are bit-exact and values are
+``gemm_operand(x, "vector")`` and the scale's ``reciprocal``: bit-exact values, scales and reciprocals on
+a CUDA device; on CPU in Triton's interpreter (a subprocess, as in test_fp8_grad_kernel.py), where scales
+and reciprocals are bit-exact and values are
 compared except where the reference's are NaN (the interpreter casts NaN to arbitrary float8 bytes;
 E2M1 values are exact in float8, so its cast of every other value is exact).
 
@@ -25,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 from fp4compile.runtime.hadamard import rotate, rotation_matrix  # noqa: E402
 from fp4compile.runtime.kernels.fp4_rows_triton import MAX_K, fp4_rows, fp4_rows_swiglu  # noqa: E402
-from fp4compile.runtime.quantize import gemm_operand  # noqa: E402
+from fp4compile.runtime.quantize import gemm_operand, reciprocal  # noqa: E402
 
 SHAPES = [(9, 70), (5, 2048), (3, 5632), (6, 1)]
 # (shape, row padding, rotation group): the fused rotation, at 1-4 rows per program, in every group size
@@ -35,6 +36,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # x / scale on every E2M1 rounding tie (amax 1.5 -> scale 1/4), both signs, and values that round to -0;
 # all dyadic, so that sums of them are exact in any order (a rotated row 0).
 TIES = [0.0625, 0.1875, 0.3125, 0.4375, 0.625, 0.875, 1.25, -0.0625, -0.3125, -1.25, -0.0078125, 1.5]
+
+
+def _reference(x: torch.Tensor) -> tuple:
+    """What fp4_rows returns for x: gemm_operand(x, "vector") and the scale's reciprocal."""
+    values, scale = gemm_operand(x, "vector")
+    return values, scale, reciprocal(scale)
 
 
 def _inputs(m: int, k: int, dtype: torch.dtype, device: str, pad: int = 0, dyadic: bool = False) -> torch.Tensor:
@@ -79,8 +86,9 @@ def _swiglu_case(m: int, k: int, pad: int, dtype: torch.dtype, group, device: st
     x = torch.nn.functional.silu(gate) * up
     got = fp4_rows_swiglu(gate.to(device), up.to(device),
                           *([] if group is None else [rotation_matrix(group, device, dtype)]))
-    want = gemm_operand(x if group is None else rotate(x, group), "vector")
-    return [[tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)] for g, w in zip(got, want)]
+    want = _reference(x if group is None else rotate(x, group))
+    return [[tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)]
+            for g, w in zip(got, want, strict=True)]
 
 
 def _all_cases(device: str) -> dict:
@@ -90,10 +98,10 @@ def _all_cases(device: str) -> dict:
         for dtype in DTYPES:
             x = _inputs(m, k, dtype, device, pad, dyadic=group is not None)
             got = fp4_rows(x) if group is None else fp4_rows(x, rotation_matrix(group, x.device, dtype))
-            want = gemm_operand(x.cpu() if group is None else rotate(x.cpu(), group), "vector")
+            want = _reference(x.cpu() if group is None else rotate(x.cpu(), group))
             results[f"{m}x{k} pad {pad} rotation {group} {dtype}"] = [
                 [tuple(g.shape) == tuple(w.shape), bits_equal(g.cpu(), w, INTERPRETED)]
-                for g, w in zip(got, want)]
+                for g, w in zip(got, want, strict=True)]
             results[f"swiglu {m}x{k} pad {pad} rotation {group} {dtype}"] = _swiglu_case(m, k, pad, dtype, group, device)
     return results
 
@@ -101,7 +109,7 @@ def _all_cases(device: str) -> dict:
 def _check(results: dict) -> None:
     assert len(results) == 2 * (len(SHAPES) + 1 + len(ROTATED)) * len(DTYPES)
     for name, outputs in results.items():
-        assert outputs == [[True, True]] * 2, (name, outputs)  # shape and bits of the values, the scales
+        assert outputs == [[True, True]] * 3, (name, outputs)  # shape and bits of each output
 
 
 def test_interpreter_matches_reference():
@@ -119,14 +127,14 @@ def test_gpu_matches_reference_at_llm_widths():
     g = torch.Generator().manual_seed(0)
     for k in (4096, 11008, 14336, MAX_K):
         x = (torch.randn(64, k, generator=g) * torch.rand(64, 1, generator=g) * 8).bfloat16()
-        got, want = fp4_rows(x.cuda()), gemm_operand(x, "vector")
-        assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
+        got, want = fp4_rows(x.cuda()), _reference(x)
+        assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want, strict=True)), k
         if k % 128 == 0:  # rotated, with sums exact in FP32 (see _inputs)
             scales = torch.exp2(torch.randint(-8, 8, (64, 1), generator=g).float())
             x = (torch.randint(-64, 65, (64, k), generator=g) * scales).bfloat16()
             got = fp4_rows(x.cuda(), rotation_matrix(128, "cuda", torch.bfloat16))
-            want = gemm_operand(rotate(x, 128), "vector")
-            assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), (k, "rotated")
+            want = _reference(rotate(x, 128))
+            assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want, strict=True)), (k, "rotated")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -144,12 +152,12 @@ def test_gpu_swiglu_matches_reference_and_inductors_unfused_code():
     for k in (2048, 5632, 14336):
         gate, up = _gate(64, k, torch.bfloat16, exact=False), torch.randn(64, k, generator=g).bfloat16()
         got = fp4_rows_swiglu(gate.cuda(), up.cuda())
-        want = gemm_operand(F.silu(gate) * up, "vector")
-        assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want)), k
+        want = _reference(F.silu(gate) * up)
+        assert all(bits_equal(a.cpu(), b, INTERPRETED) for a, b in zip(got, want, strict=True)), k
         gate, up = (torch.randn(256, k, generator=g).mul(4).bfloat16().cuda() for _ in range(2))
         for rotation in ([], [rotation_matrix(128, "cuda", torch.bfloat16)]):
             got, want = fp4_rows_swiglu(gate, up, *rotation), compiled(gate, up, *rotation)
-            assert all(bits_equal(a, b, INTERPRETED) for a, b in zip(got, want)), (k, len(rotation))
+            assert all(bits_equal(a, b, INTERPRETED) for a, b in zip(got, want, strict=True)), (k, len(rotation))
 
 
 def test_rows_too_wide_name_the_reference():
@@ -182,7 +190,7 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, swiglu):
     constexprs = {"INV_MAX": 1.0 / rows.E2M1_MAX, "MIN_SCALE": rows.MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
                   "SWIGLU": swiglu, "INTERPRETED": False, **({"GROUP": group} if group else {})}
     pointers = {"x_ptr": "*bf16", "up_ptr": "*bf16", **({"r_ptr": "*bf16"} if group else {}), "v_ptr": "*fp8e4nv",
-                "s_ptr": "*fp32"}
+                "s_ptr": "*fp32", "i_ptr": "*fp32"}
     signature = {**pointers, "M": "i32", "K": "i32", **{name: "constexpr" for name in constexprs}}
     kernel = rows._rotated_fp4_rows_kernel if group else rows._fp4_rows_kernel
     # pointers and K divisible by 16, as Triton specializes them at run time
@@ -193,9 +201,9 @@ def test_compiles_ahead_of_time_for_hopper_and_blackwell(cc, k, group, swiglu):
     assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert bool(group) == bool(re.search(r"mma\S*\.bf16|tcgen05\.mma\S*kind::f16", ptx))
     assert len(compiled.asm["cubin"]) > 0
-    if not group:  # the one layout conversion: each row's scale, to store it
+    if not group:  # the only layout conversions: each row's scale and its reciprocal, to store them
         assert re.search(r"ld\.global\.v4", ptx) and re.search(r"st\.global\.v4", ptx)
-        assert compiled.asm["ttgir"].count("ttg.convert_layout") == 1
+        assert compiled.asm["ttgir"].count("ttg.convert_layout") == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

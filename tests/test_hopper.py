@@ -420,7 +420,9 @@ def test_recompute_options_quantize_again_from_the_forward_scales(recipe):
     bit for bit. What the backward quantizes again from the forward's scales (matmul.requantized: the
     weights, and without a rotation the activations too) it computes in Inductor's own kernels, stored
     transposed: no quantize or transpose kernel for it. The rotated recipe's activations are rotated and
-    quantized again by the fused kernel (x, h; SwiGLU's product from gate and up), then transposed."""
+    quantized again by the fused kernel (x, h; SwiGLU's product from gate and up), then transposed.
+    With and without the options, DGE and the requantize multiply by the reciprocals of the forward's
+    scales that the quantize kernel wrote: no float64 division per element in dge's backward code."""
     from torch._inductor.utils import run_and_get_code
 
     steps = []
@@ -439,13 +441,15 @@ def test_recompute_options_quantize_again_from_the_forward_scales(recipe):
 
         y, codes = run_and_get_code(step)
         steps.append(([y, x.grad, *(p.grad for p in model.parameters())], codes[-1]))
-    (plain, _), (recomputed, backward) = steps
+    (plain, plain_backward), (recomputed, backward) = steps
     assert all(torch.equal(a, b) for a, b in zip(plain, recomputed, strict=True))
+    rotated = recipe == "rotated"
+    if not rotated:  # (the rotated recipe builds its rotation matrices in float64)
+        assert "tl.float64" not in plain_backward and "tl.float64" not in backward
 
     def launches(kernel):
         return len(re.findall(rf"\b{kernel}_\d+\.run\(", backward))
 
-    rotated = recipe == "rotated"
     assert launches("_fp4_rows_kernel") == 0
     assert launches("_rotated_fp4_rows_kernel") == launches("_transpose_tiles") == (3 if rotated else 0)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fp4compile import QuantizedTensor, fake_quantize, quantize
 from fp4compile.runtime import e2m1
-from fp4compile.runtime.quantize import gemm_operand, operand_values, scaled_domain
+from fp4compile.runtime.quantize import gemm_operand, operand_values, reciprocal, scaled_domain
 
 FORMATS = ("tensor", "vector", "mxfp4", "nvfp4")
 BLOCK = {"tensor": None, "vector": None, "mxfp4": 32, "nvfp4": 16}
@@ -473,31 +473,33 @@ def test_unknown_rounding():
 @settings(max_examples=100, deadline=None)
 @given(case=cases(), nan=st.booleans())
 def test_scaled_domain_takes_the_forward_outer_scale(case, nan):
-    """DGE's scaled weight from the forward's outer scale (gemm_operand's) is the one computed from the
-    weight again, bit for bit, NaN rows included; the block formats ignore it (their scales vary along K)."""
+    """DGE's scaled weight from the reciprocal of the forward's outer scale (gemm_operand's) is the one
+    computed from the weight again, bit for bit, NaN rows included; the block formats ignore it (their
+    scales vary along K)."""
     x, fmt, dim = case
     x = x.movedim(dim, -1).contiguous()  # along K, the last dim
     if nan:
         x.view(-1)[0] = float("nan")
     _, outer = gemm_operand(x, fmt)
-    assert_bitwise_equal(scaled_domain(x, fmt, outer), scaled_domain(x, fmt))
+    assert_bitwise_equal(scaled_domain(x, fmt, reciprocal(outer)), scaled_domain(x, fmt))
     if fmt in ("vector", "tensor"):  # taken, not computed again
-        assert_bitwise_equal(scaled_domain(x, fmt, torch.ones_like(outer)), x.float())
+        assert_bitwise_equal(scaled_domain(x, fmt, torch.full_like(outer, 0.5)), x.float() * 0.5)
 
 
 @settings(max_examples=100, deadline=None)
 @given(case=cases(), nan=st.booleans())
 def test_operand_values_from_the_outer_scale_are_gemm_operands(case, nan):
-    """A requantized operand (matmul.requantized): the values gemm_operand gave, from its outer scale and
-    no reduction, bit for bit (NaN rows, zeros and -0 included); the block formats are refused."""
+    """A requantized operand (matmul.requantized): the values gemm_operand gave, from its outer scale's
+    reciprocal and no reduction, bit for bit (NaN rows, zeros and -0 included); the block formats are
+    refused."""
     x, fmt, dim = case
     x = x.movedim(dim, -1).contiguous()
     if nan:
         x.view(-1)[0] = float("nan")
     values, outer = gemm_operand(x, fmt)
     if fmt in ("vector", "tensor"):
-        assert torch.equal(operand_values(x, fmt, outer).view(torch.uint8), values.view(torch.uint8))
+        assert torch.equal(operand_values(x, fmt, reciprocal(outer)).view(torch.uint8), values.view(torch.uint8))
     else:
         with pytest.raises(ValueError, match="'vector' and 'tensor'"):
-            operand_values(x, fmt, outer)
+            operand_values(x, fmt, reciprocal(outer))
 

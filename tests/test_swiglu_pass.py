@@ -40,8 +40,9 @@ def forward(self, gate_1, up_1):
     view_default_1 = torch.ops.aten.view.default(up_1, [-1, 64]);  up_1 = None
     fp4_rows_swiglu_default = torch.ops.fp4compile.fp4_rows_swiglu.default(view_default, view_default_1);  view_default = view_default_1 = None
     getitem = fp4_rows_swiglu_default[0]
-    getitem_1 = fp4_rows_swiglu_default[1];  fp4_rows_swiglu_default = None
-    return (getitem, getitem_1)""")
+    getitem_1 = fp4_rows_swiglu_default[1]
+    getitem_2 = fp4_rows_swiglu_default[2];  fp4_rows_swiglu_default = None
+    return (getitem, getitem_1, getitem_2)""")
 
     def test_rotation_and_operand_order_carry_over(self):
         def down_operand(gate, up, rotation):
@@ -98,9 +99,10 @@ def forward(self, gate_1, up_1):
     mul = torch.ops.aten.mul.Tensor(convert_element_type_1, up_1);  convert_element_type_1 = None
     fp4_rows_swiglu_default = torch.ops.fp4compile.fp4_rows_swiglu.default(gate_1, up_1);  gate_1 = up_1 = None
     getitem = fp4_rows_swiglu_default[0]
-    getitem_1 = fp4_rows_swiglu_default[1];  fp4_rows_swiglu_default = None
+    getitem_1 = fp4_rows_swiglu_default[1]
+    getitem_2 = fp4_rows_swiglu_default[2];  fp4_rows_swiglu_default = None
     mul_1 = torch.ops.aten.mul.Tensor(mul, 2);  mul = None
-    return ((getitem, getitem_1), mul_1)""")
+    return ((getitem, getitem_1, getitem_2), mul_1)""")
 
     def test_float32_product_and_silu_undecomposed(self):
         def down_operand(gate, up):

@@ -124,18 +124,18 @@ class FP4GroupedMM(torch.autograd.Function):
         ctx.dtypes = (x.dtype, w.dtype, dtype)
         w_dge = w if cfg.dge else None
         with torch.autocast(x.device.type, enabled=False):
-            x, w, (vx, ox, rx, _), (vw, ow, _, _) = forward_operands(x, w, False, True, cfg, dtype)
+            x, w, (vx, ox, _, rx, _), (vw, ow, iw, _, _) = forward_operands(x, w, False, True, cfg, dtype)
             y = grouped_gemm(vx, ox, vw, ow, offs, dtype)
             if rx is not None:
                 y = y + high_precision_grouped(rx, w, offs, dtype)
-        w_outer = None if w_dge is None else ow  # DGE's scales: the forward's
-        ctx.save_for_backward(*backward_operands(x, w, vx, ox, vw, ow, cfg), rx, w_dge, w_outer, offs)
+        w_inverse = None if w_dge is None else iw  # DGE's scales: the forward's
+        ctx.save_for_backward(*backward_operands(x, w, vx, ox, vw, ow, cfg), rx, w_dge, w_inverse, offs)
         ctx.spec = spec
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        vx, ox, vw, ow, rx, w_dge, w_outer, offs = ctx.saved_tensors
+        vx, ox, vw, ow, rx, w_dge, w_inverse, offs = ctx.saved_tensors
         cfg = ctx.spec.config
         x_dtype, w_dtype, dtype = ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[:2]
@@ -149,7 +149,7 @@ class FP4GroupedMM(torch.autograd.Function):
                 g, c = _grad_operand(dy, ox.mT if ox.dim() else ox, cfg.grad_dtype, transposed=True)
                 dw = grouped_weight_gemm(g, c, vx, offs, w_dtype)
                 if w_dge is not None:
-                    dw = dw * dge_factor(w_dge, cfg, dtype, w_outer).to(w_dtype)
+                    dw = dw * dge_factor(w_dge, cfg, dtype, w_inverse).to(w_dtype)
                 if rx is not None:
                     one = dy.new_ones((), dtype=torch.float32)
                     dw = dw + grouped_weight_gemm(dy.mT, one, rx.to(dy.dtype), offs, w_dtype)

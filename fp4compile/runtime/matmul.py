@@ -23,7 +23,7 @@ from fp4compile.runtime.hadamard import rotate, rotation_matrix
 from fp4compile.runtime.gemm import (block_gemm, native_block, native_block_gemm, native_gemm, row_scale_as_columns,
                                      scaled_gemm)
 from fp4compile.runtime.occ import occ_clamp
-from fp4compile.runtime.quantize import gemm_operand, operand_values, scaled_domain
+from fp4compile.runtime.quantize import gemm_operand, operand_values, reciprocal, scaled_domain
 
 
 @dataclass(frozen=True)
@@ -50,32 +50,33 @@ def fused_rows(x: torch.Tensor, format: str) -> bool:
 
 def _rows_operand(x: torch.Tensor, rotation: int | None = None):
     """gemm_operand(x, "vector"), or of hadamard.rotate(x, rotation), in the same bits from the kernel
-    (``fused_rows``), which reads x once and rotates it on the way."""
+    (``fused_rows``), which reads x once and rotates it on the way, and the scale's reciprocal."""
     from fp4compile.runtime.kernels.fp4_rows_triton import fp4_rows
 
     matrix = None if rotation is None else rotation_matrix(rotation, x.device, x.dtype)
-    values, scale = fp4_rows(x.reshape(-1, x.shape[-1]), matrix)
-    return values.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+    values, scale, inverse = fp4_rows(x.reshape(-1, x.shape[-1]), matrix)
+    rows = (*x.shape[:-1], 1)
+    return values.reshape(x.shape), scale.reshape(rows), inverse.reshape(rows)
 
 
 def _quantize(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: bool = False,
               rotation: int | None = None, requantize: bool = False):
-    """(values, outer, OCC residual in ``dtype`` or None, the operand packed for the native block-scaled
-    kernel or None) of one operand. ``packed`` (a block format on sm_10x's native FP4 MMA): quantized once
-    into the kernel's codes and scales, and values and outer decoded from those. ``rotation``: the
-    activation rotated inside its quantize kernel (``_operand``). Activations and weights go through the
-    kernel where it runs (``fused_rows``): Inductor's reference reads each row twice, and computes an
-    activation's producer twice where it fuses the two (kernels/fp4_rows_triton.py). With
-    config.recompute_activations (recompute_weights) an activation's (a weight's) quantize is recomputed in
-    the backward as it ran here (``recomputed``), unless the caller's backward quantizes it again from
-    its scales (``requantize``: ``requantized``)."""
+    """(values, outer, outer's reciprocal ("vector", "tensor"; else None), OCC residual in ``dtype`` or
+    None, the operand packed for the native block-scaled kernel or None) of one operand. ``packed`` (a
+    block format on sm_10x's native FP4 MMA): quantized once into the kernel's codes and scales, and
+    values and outer decoded from those. ``rotation``: the activation rotated inside its quantize kernel
+    (``_operand``). Activations and weights go through the kernel where it runs (``fused_rows``):
+    Inductor's reference reads each row twice, and computes an activation's producer twice where it fuses
+    the two (kernels/fp4_rows_triton.py). With config.recompute_activations (recompute_weights) an
+    activation's (a weight's) quantize is recomputed in the backward as it ran here (``recomputed``),
+    unless the caller's backward quantizes it again from its scales (``requantize``: ``requantized``)."""
     residual = None
     if config.occ and not is_weight:
         x, residual = occ_clamp(x, config.occ_quantile, config.occ_sample)
         residual = residual.to(dtype)
     with recomputed(recompute_asked(is_weight, config) and not requantize):
-        values, outer, operand = _quantized(x, is_weight, config, packed, rotation)
-    return values, outer, residual, operand
+        values, outer, inverse, operand = _quantized(x, is_weight, config, packed, rotation)
+    return values, outer, inverse, residual, operand
 
 
 def recompute_asked(is_weight: bool, config: FP4Config) -> bool:
@@ -95,27 +96,30 @@ def requantized(is_weight: bool, config: FP4Config) -> bool:
             and config.backward_operands == "quantized" and (is_weight or not config.rotation))
 
 
-def backward_values(v: torch.Tensor, outer: torch.Tensor | None, requantize: bool, config: FP4Config):
+def backward_values(v: torch.Tensor, inverse: torch.Tensor | None, requantize: bool, config: FP4Config):
     """An operand's FP4 values transposed, as the backward's GEMMs multiply dY by them: the forward's
     values ``v`` (a view), or for an operand ``requantized``, ``v`` is what the forward quantized and its
-    values are computed again with its forward scale ``outer``: the same bits, stored transposed."""
+    values are computed again with the reciprocal of its forward scale, ``inverse``: the same bits, stored
+    transposed."""
     if not requantize:
         return v.mT
-    return operand_values(v, config.format, outer).mT.contiguous()
+    return operand_values(v, config.format, inverse).mT.contiguous()
 
 
 def _quantized(x, is_weight: bool, config: FP4Config, packed: bool, rotation: int | None):
-    """``_quantize``'s (values, outer, packed operand or None)."""
+    """``_quantize``'s (values, outer, outer's reciprocal or None, packed operand or None)."""
+    if not packed and (rotation is not None or fused_rows(x, config.format)):
+        return (*_rows_operand(x, rotation), None)
+    rows = None
     if packed:
         from fp4compile.runtime.kernels.blackwell_quantize import gemm_values, pack_operand
 
         rows = pack_operand(x.reshape(-1, x.shape[-1]), config.format, quantizer="triton" if x.is_cuda else "reference")
         values, outer = gemm_values(rows)
-        outer = outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
-        return values.reshape(x.shape), outer, rows
-    if rotation is not None or fused_rows(x, config.format):
-        return (*_rows_operand(x, rotation), None)
-    return (*gemm_operand(x, config.format), None)
+        values, outer = values.reshape(x.shape), outer.reshape(*x.shape[:-1], 1) if outer.dim() else outer
+    else:
+        values, outer = gemm_operand(x, config.format)
+    return values, outer, reciprocal(outer) if config.format in ("vector", "tensor") else None, rows
 
 
 def recomputed(tagged: bool):
@@ -151,14 +155,15 @@ def _operand(x, is_weight: bool, config: FP4Config, dtype: torch.dtype, packed: 
 def forward_operands(a, b, a_is_weight: bool, b_is_weight: bool, config: FP4Config, dtype: torch.dtype,
                      packed: bool = False, requantize: tuple[bool, bool] = (False, False)):
     """Both forward operands rotated along K (config.rotation) and quantized (``_operand``): (a, b as
-    the GEMM multiplies them, (va, oa, ra, pa), (vb, ob, rb, pb)). With a rotation, (a D H')(b D H')^T =
-    rotation * a b^T, so A's side (its scale and OCC residual) takes the power of two out, exactly.
-    ``requantize``: which operands the caller's backward quantizes again from their scales."""
-    a, (va, oa, ra, pa) = _operand(a, a_is_weight, config, dtype, packed, requantize[0])
+    the GEMM multiplies them, (va, oa, ia, ra, pa), (vb, ob, ib, rb, pb)). With a rotation, (a D H')(b D
+    H')^T = rotation * a b^T, so A's side (its scale and OCC residual) takes the power of two out, exactly;
+    ia stays the reciprocal of the scale A was quantized with. ``requantize``: which operands the caller's
+    backward quantizes again from their scales."""
+    a, (va, oa, ia, ra, pa) = _operand(a, a_is_weight, config, dtype, packed, requantize[0])
     b, qb = _operand(b, b_is_weight, config, dtype, packed, requantize[1])
     if config.rotation:
         oa, ra = oa / config.rotation, None if ra is None else ra / config.rotation
-    return a, b, (va, oa, ra, pa), qb
+    return a, b, (va, oa, ia, ra, pa), qb
 
 
 def backward_operands(a, b, va, oa, vb, ob, config: FP4Config):
@@ -171,13 +176,13 @@ def backward_operands(a, b, va, oa, vb, ob, config: FP4Config):
     return a.float(), one / config.rotation if config.rotation else one, b.float(), one
 
 
-def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype, outer: torch.Tensor | None = None):
+def dge_factor(w: torch.Tensor, config: FP4Config, dtype: torch.dtype, inverse: torch.Tensor | None = None):
     """DGE's f'(w / scale) of weight ``w``, in the domain its quantized values came from: rotated (in the
-    forward's ``dtype``) where config.rotation is set. ``outer``: the forward's outer scale of w, which
-    ``scaled_domain`` takes as w's scales where it is the only one."""
+    forward's ``dtype``) where config.rotation is set. ``inverse``: the reciprocal of the forward's outer
+    scale of w, which ``scaled_domain`` takes as w's scales where it is the only one."""
     if config.rotation:
         w = rotated(w, True, config, dtype)
-    return dge_derivative(scaled_domain(w, config.format, outer), config.dge_k, config.dge_clip)
+    return dge_derivative(scaled_domain(w, config.format, inverse), config.dge_k, config.dge_clip)
 
 
 def unrotate_grad(grad: torch.Tensor, config: FP4Config, a_side: bool) -> torch.Tensor:
@@ -221,13 +226,12 @@ class FP4MatmulNT(torch.autograd.Function):
         a_dge = a if spec.a_is_weight and cfg.dge else None
         b_dge = b if spec.b_is_weight and cfg.dge else None
         with torch.autocast(a.device.type, enabled=False):
-            a, b, (va, oa, ra, pa), (vb, ob, rb, pb) = forward_operands(
+            a, b, (va, oa, ia, ra, pa), (vb, ob, ib, rb, pb) = forward_operands(
                 a, b, spec.a_is_weight, spec.b_is_weight, cfg, dtype, packed, requantize)
             y = _forward_gemm(va, oa, pa, vb, ob, pb, cfg.format, dtype)
-            # DGE's and a requantized operand's scales are the forward's (A's times the rotation's power
-            # of two again: exact).
-            a_outer = None if a_dge is None and not requantize[0] else oa * cfg.rotation if cfg.rotation else oa
-            b_outer = None if b_dge is None and not requantize[1] else ob
+            # DGE and a requantized operand divide by the forward's scales, as their reciprocals.
+            ia = None if a_dge is None and not requantize[0] else ia
+            ib = None if b_dge is None and not requantize[1] else ib
             if ra is not None:
                 y = y + ra @ b.to(dtype).mT
             if rb is not None:
@@ -237,7 +241,7 @@ class FP4MatmulNT(torch.autograd.Function):
         va, oa, vb, ob = backward_operands(a, b, va, oa, vb, ob, cfg)
         # A requantized operand keeps what was quantized, not its values (backward_values).
         va, vb = a if requantize[0] else va, b if requantize[1] else vb
-        ctx.save_for_backward(va, oa, vb, ob, ra, rb, a_dge, b_dge, a_outer, b_outer)
+        ctx.save_for_backward(va, oa, vb, ob, ra, rb, a_dge, b_dge, ia, ib)
         ctx.requantize = requantize
         ctx.spec = spec
         ctx.shapes = shapes
@@ -246,7 +250,7 @@ class FP4MatmulNT(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        va, oa, vb, ob, ra, rb, a_dge, b_dge, a_outer, b_outer = ctx.saved_tensors
+        va, oa, vb, ob, ra, rb, a_dge, b_dge, ia, ib = ctx.saved_tensors
         cfg = ctx.spec.config
         a_shape, a_dtype, b_shape, b_dtype, bias_meta = ctx.shapes
         need_a, need_b, need_bias, _ = ctx.needs_input_grad
@@ -255,16 +259,16 @@ class FP4MatmulNT(torch.autograd.Function):
             grad_a, grad_b = _grad_operands(dy, ob, oa, cfg.grad_dtype, need_a, need_b)
             one = ob.new_ones(())
             if need_a:
-                da = scaled_gemm(*grad_a, backward_values(vb, b_outer, ctx.requantize[1], cfg), one, a_dtype)
+                da = scaled_gemm(*grad_a, backward_values(vb, ib, ctx.requantize[1], cfg), one, a_dtype)
                 if a_dge is not None:
-                    da = da * dge_factor(a_dge, cfg, ctx.dtype, a_outer).to(a_dtype)
+                    da = da * dge_factor(a_dge, cfg, ctx.dtype, ia).to(a_dtype)
                 if rb is not None:
                     da = da + (dy @ rb.to(dy.dtype)).to(a_dtype)
                 da = unrotate_grad(da, cfg, a_side=True).sum_to_size(a_shape)
             if need_b:
-                db = scaled_gemm(*grad_b, backward_values(va, a_outer, ctx.requantize[0], cfg), one, b_dtype)
+                db = scaled_gemm(*grad_b, backward_values(va, ia, ctx.requantize[0], cfg), one, b_dtype)
                 if b_dge is not None:
-                    db = db * dge_factor(b_dge, cfg, ctx.dtype, b_outer).to(b_dtype)
+                    db = db * dge_factor(b_dge, cfg, ctx.dtype, ib).to(b_dtype)
                 if ra is not None:
                     db = db + (dy.mT @ ra.to(dy.dtype)).to(b_dtype)
                 db = unrotate_grad(db, cfg, a_side=False).sum_to_size(b_shape)

@@ -301,22 +301,25 @@ def gemm_operand(x: torch.Tensor, format: str, rounding: str = "nearest", genera
     return (values * stored.float()).reshape(x.shape).to(torch.bfloat16), tensor_scale
 
 
-def operand_values(x: torch.Tensor, format: str, outer: torch.Tensor) -> torch.Tensor:
-    """``gemm_operand(x, format)``'s values ("vector", "tensor") from the outer scale it returned: x times
-    the scale's reciprocal, rounded to E2M1, in float8_e4m3fn; the same bits, with no reduction over x."""
+def operand_values(x: torch.Tensor, format: str, inverse: torch.Tensor) -> torch.Tensor:
+    """``gemm_operand(x, format)``'s values ("vector", "tensor") from the reciprocal of the outer scale it
+    returned (``reciprocal(outer)``): x times it, rounded to E2M1, in float8_e4m3fn; the same bits, with no
+    reduction over x."""
     if format not in ("vector", "tensor"):
         raise ValueError(f"operand_values takes the 'vector' and 'tensor' formats (one scale per row or per "
                          f"tensor), got {format!r}")
-    return e2m1.round_to_e2m1(scaled_domain(x, format, outer)).to(torch.float8_e4m3fn)
+    return e2m1.round_to_e2m1(scaled_domain(x, format, inverse)).to(torch.float8_e4m3fn)
 
 
-def scaled_domain(x: torch.Tensor, format: str, outer: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_domain(x: torch.Tensor, format: str, inverse: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` divided by its scales along the last dim, before rounding: the [-6, 6] domain DGE works in.
-    ``outer``: ``gemm_operand(x, format)``'s outer scale, taken as x's scales where it is the only one
-    ("vector", "tensor"; the same bits as computing them again), so no reduction over x runs again."""
+    ``inverse``: ``reciprocal(outer)`` of ``gemm_operand(x, format)``'s outer scale, taken as x's scales
+    where it is the only one ("vector", "tensor"; the same bits as computing them again), so no reduction
+    over x runs again. The reciprocal comes in, not the scale: Inductor would inline its float64 division
+    into every element of the kernel that multiplies by it."""
     fmt = get_format(format)
-    if outer is not None and fmt.name in ("vector", "tensor"):
-        return x.float() * reciprocal(outer)
+    if inverse is not None and fmt.name in ("vector", "tensor"):
+        return x.float() * inverse
     xb = _blocked(x, fmt, max(x.dim() - 1, 0))
     scale, _, _ = _scales(xb, fmt)
     return to_scaled_domain(xb, scale, fmt).reshape(x.shape)

@@ -1,5 +1,7 @@
 """An activation's or a weight's FP4 GEMM operand in the "vector" format, one read of each row: its absmax
-scale, the E2M1 values in float8_e4m3fn; the bits of ``quantize.gemm_operand(x, "vector")`` (CUDA, Triton).
+scale, the E2M1 values in float8_e4m3fn; the bits of ``quantize.gemm_operand(x, "vector")`` (CUDA, Triton),
+and the scale's reciprocal (``quantize.reciprocal``) that the kernel multiplied the row by: the backward's
+DGE and requantize multiply by it, where Inductor inlines that division as a float64 one per element.
 
 Why a kernel: Inductor fuses the reference into the activation's producer as a looped reduction that reads
 each row twice and computes the producer twice (for the SwiGLU output: silu and the product of both inputs,
@@ -89,29 +91,31 @@ def _tile(x_ptr, up_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWI
 
 
 @triton.jit
-def _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-    """Each row of x (FP32) quantized: its absmax scale, its E2M1 values."""
+def _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, i_ptr, INV_MAX: tl.constexpr,
+                MIN_SCALE: tl.constexpr):
+    """Each row of x (FP32) quantized: its absmax scale, its E2M1 values, the scale's reciprocal."""
     amax = tl.max(magnitude_bits(x), axis=1).to(tl.float32, bitcast=True)
     scale, recip = absmax_scale(amax, INV_MAX, MIN_SCALE)
     values = e2m1_rne(x * recip[:, None])
     tl.store(v_ptr + offsets, values.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, scale, mask=rmask)
+    tl.store(i_ptr + rows, recip, mask=rmask)
 
 
 @triton.jit
-def _fp4_rows_kernel(x_ptr, up_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+def _fp4_rows_kernel(x_ptr, up_ptr, v_ptr, s_ptr, i_ptr, M, K, INV_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, INTERPRETED: tl.constexpr):
     x, offsets, rows, rmask, mask = _tile(x_ptr, up_ptr, M, K, BLOCK_M, BLOCK_K, SWIGLU, INTERPRETED)
-    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
+    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, i_ptr, INV_MAX, MIN_SCALE)
 
 
 @triton.jit
-def _rotated_fp4_rows_kernel(x_ptr, up_ptr, r_ptr, v_ptr, s_ptr, M, K, INV_MAX: tl.constexpr,
+def _rotated_fp4_rows_kernel(x_ptr, up_ptr, r_ptr, v_ptr, s_ptr, i_ptr, M, K, INV_MAX: tl.constexpr,
                              MIN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                              SWIGLU: tl.constexpr, GROUP: tl.constexpr, INTERPRETED: tl.constexpr):
     x, offsets, rows, rmask, mask = _tile(x_ptr, up_ptr, M, K, BLOCK_M, BLOCK_K, SWIGLU, INTERPRETED)
     x = _rotated(x, r_ptr, BLOCK_M, BLOCK_K, GROUP, INTERPRETED)
-    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, INV_MAX, MIN_SCALE)
+    _store_rows(x, offsets, rows, rmask, mask, v_ptr, s_ptr, i_ptr, INV_MAX, MIN_SCALE)
 
 
 def _launch_shape(k: int, rotated: bool) -> tuple[int, int, int]:
@@ -134,9 +138,10 @@ def _fp4_rows(ex, x, rotation=None, up=None):
                          f"({ex.dtype(x)}), got {ex.dtype(rotation)}; K must be a multiple of the group")
     block_m, block_k, warps = _launch_shape(width, bool(group))
     x = ex.contiguous(x)
-    values, scale = ex.empty((m, k), torch.float8_e4m3fn), ex.empty((m, 1), torch.float32)
+    values = ex.empty((m, k), torch.float8_e4m3fn)
+    scale, inverse = ex.empty((m, 1), torch.float32), ex.empty((m, 1), torch.float32)
     args = {"x_ptr": x, "up_ptr": x if up is None else ex.contiguous(up), "v_ptr": values, "s_ptr": scale,
-            "M": m, "K": k}
+            "i_ptr": inverse, "M": m, "K": k}
     meta = {"INV_MAX": 1.0 / E2M1_MAX, "MIN_SCALE": MIN_SCALE, "BLOCK_M": block_m, "BLOCK_K": block_k,
             "SWIGLU": up is not None, "INTERPRETED": os.environ.get("TRITON_INTERPRET") == "1", "num_warps": warps}
     if m and group:
@@ -144,7 +149,7 @@ def _fp4_rows(ex, x, rotation=None, up=None):
                {**meta, "GROUP": group})
     elif m:
         ex.run(_fp4_rows_kernel, (ex.cdiv(m, block_m),), args, meta)
-    return values, scale
+    return values, scale, inverse
 
 
 def _fp4_rows_swiglu(ex, gate, up, rotation=None):
@@ -156,12 +161,14 @@ def _fp4_rows_swiglu(ex, gate, up, rotation=None):
 
 
 def _fake(x, *args):
-    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+    scale = x.new_empty((x.shape[0], 1), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), scale, torch.empty_like(scale)
 
 
 # x [M, K] (CUDA, 0 < K <= MAX_K), optionally a [G, G] rotation of x's dtype (G dividing K) -> (E2M1
-# values in float8_e4m3fn [M, K], FP32 scale [M, 1]): gemm_operand(x, "vector"), or of hadamard.rotate(x, G).
-fp4_rows = define("fp4_rows(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor)", _fp4_rows, _fake)
+# values in float8_e4m3fn [M, K], FP32 scale [M, 1], its reciprocal [M, 1]): gemm_operand(x, "vector"), or
+# of hadamard.rotate(x, G), and quantize.reciprocal(scale).
+fp4_rows = define("fp4_rows(Tensor x, Tensor? rotation=None) -> (Tensor, Tensor, Tensor)", _fp4_rows, _fake)
 # The same of x = silu(gate) * up (gate, up [M, K] of one dtype), x never stored.
-fp4_rows_swiglu = define("fp4_rows_swiglu(Tensor gate, Tensor up, Tensor? rotation=None) -> (Tensor, Tensor)",
+fp4_rows_swiglu = define("fp4_rows_swiglu(Tensor gate, Tensor up, Tensor? rotation=None) -> (Tensor, Tensor, Tensor)",
                          _fp4_rows_swiglu, _fake)
