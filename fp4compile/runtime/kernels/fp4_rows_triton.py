@@ -1,7 +1,8 @@
 """An activation's or a weight's FP4 GEMM operand in the "vector" format, one read of each row: its absmax
 scale, the E2M1 values in float8_e4m3fn; the bits of ``quantize.gemm_operand(x, "vector")`` (CUDA, Triton),
-and the scale's reciprocal (``quantize.reciprocal``) that the kernel multiplied the row by: the backward's
-DGE and requantize multiply by it, where Inductor inlines that division as a float64 one per element.
+and the scale's reciprocal (``quantize.reciprocal``) that the kernel multiplied the row by, for the
+backward's DGE and requantize to multiply by (from the scale, Inductor's code would divide in float64 for
+every element).
 
 Why a kernel: Inductor fuses the reference into the activation's producer as a looped reduction that reads
 each row twice and computes the producer twice (for the SwiGLU output: silu and the product of both inputs,
