@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
@@ -126,3 +127,19 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     torch.manual_seed(0)
     yield
+
+
+# Most of the suite's time is Inductor generating and building C++ kernels (CPU, cold cache), and
+# vectorized kernels take about twice as long as scalar ones. So the suite compiles scalar kernels,
+# except in the tests marked `vectorized` (compiled numerics against eager), which compile as users'
+# Inductor does.
+inductor_config.cpp.simdlen = 1
+
+
+@pytest.fixture(autouse=True)
+def _cpp_vectorization(request):
+    if request.node.get_closest_marker("vectorized") is None:
+        yield
+        return
+    with inductor_config.patch({"cpp.simdlen": None}):
+        yield

@@ -82,6 +82,7 @@ def test_recipes_and_config_errors():
 
 
 @older_cpu_codegen
+@pytest.mark.vectorized
 @pytest.mark.parametrize("recipe", ["dge", "rotated"])
 def test_inductor_computes_the_bits_eager_does(recipe):
     """A BF16 model's outputs and gradients through Inductor equal those of the same rewritten graph run
@@ -101,6 +102,7 @@ def test_inductor_computes_the_bits_eager_does(recipe):
         assert torch.equal(got, want)
 
 
+@pytest.mark.vectorized
 def test_mode_and_options_reach_inductor(monkeypatch):
     """torch.compile's mode and options configure Inductor under the fp4 backend as under backend="inductor",
     through the backend string and through fp4compile.compile, on top of the backend's one default
@@ -138,6 +140,7 @@ def test_mode_and_options_reach_inductor(monkeypatch):
         torch.compile(model, backend=fp4compile.backend(inner="aot_eager"), mode="max-autotune")(x)
 
 
+@pytest.mark.vectorized
 def test_cpu_kernels_storing_two_transposed_16_bit_copies_store_their_values():
     # A backward stores W^T and X^T so; torch 2.13's AVX512 code for such a kernel stored wrong values,
     # NaN among them: the backend vectorizes CPU graphs at AVX2 width there (cpu_vector_width).

@@ -191,6 +191,7 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
 
 @pytest.mark.parametrize("config", [FP4Config.from_recipe_name("paper"), FP4Config.from_recipe_name("rotated", rotation=32)],
                          ids=["paper", "rotated"])
+@pytest.mark.vectorized
 def test_inductor_matches_eager(config):
     """The same FP4 Linear, compiled by Inductor through the backend, against the eager function."""
     x, w, b, dy = _inputs()
@@ -216,6 +217,7 @@ def test_autocast_keeps_the_output_dtype_of_the_original_op():
     assert y.dtype == ref.dtype == torch.bfloat16
 
 
+@pytest.mark.vectorized
 @pytest.mark.parametrize("fmt", ["vector", "tensor", "mxfp4", "nvfp4"])
 def test_inductor_quantized_operands_are_bit_exact(fmt):
     """Inductor's generated quantizer gives the reference's bytes and scales (no reciprocal rewrites)."""

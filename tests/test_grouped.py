@@ -155,6 +155,7 @@ def test_backward_operands_original_uses_unquantized_operands():
 
 
 @older_cpu_codegen
+@pytest.mark.vectorized
 def test_bfloat16_keeps_its_dtype_and_compiles_like_eager():
     """torch._grouped_mm (BF16 only under torch.compile) through the fp4 backend and Inductor computes the
     bits of the eager op with the default recipe (its rotation group where K = 64: report's rotation)."""
