@@ -1,9 +1,9 @@
 """The Triton kernel for an activation's FP4 operand (kernels/fp4_rows_triton.py) against its reference,
 ``gemm_operand(x, "vector")`` and the scale's ``reciprocal``: bit-exact values, scales and reciprocals on
 a CUDA device; on CPU in Triton's interpreter (a subprocess, as in test_fp8_grad_kernel.py), where scales
-and reciprocals are bit-exact and values are
-compared except where the reference's are NaN (the interpreter casts NaN to arbitrary float8 bytes;
-E2M1 values are exact in float8, so its cast of every other value is exact).
+and reciprocals are bit-exact and values are compared except where the reference's are NaN (the
+interpreter casts NaN to arbitrary float8 bytes; E2M1 values are exact in float8, so its cast of every
+other value is exact).
 
 Cases: ragged widths (1, 70, 2048, 5632: one row per program to four), a row stride wider than the
 row, the fused rotation (hadamard.rotate first) in each group size, float32 / bfloat16 / float16

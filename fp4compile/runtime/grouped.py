@@ -128,7 +128,7 @@ class FP4GroupedMM(torch.autograd.Function):
             y = grouped_gemm(vx, ox, vw, ow, offs, dtype)
             if rx is not None:
                 y = y + high_precision_grouped(rx, w, offs, dtype)
-        w_inverse = None if w_dge is None else iw  # DGE's scales: the forward's
+        w_inverse = None if w_dge is None else iw  # DGE multiplies by the forward's scales' reciprocals
         ctx.save_for_backward(*backward_operands(x, w, vx, ox, vw, ow, cfg), rx, w_dge, w_inverse, offs)
         ctx.spec = spec
         return y
