@@ -72,14 +72,24 @@ def inductor_patches(mode: str | None = None, options: dict | None = None, cuda:
     return patches
 
 
+# Before torch 2.13, Inductor's AVX2-wide C++ code computed the rotated recipe's linear wrong (2.11, 2.12:
+# errors of ~800 on outputs below 10, tests/test_fp4_matmul.py), its scalar code right.
+SCALAR_CPU_CODE = torch.torch_version.TorchVersion(torch.__version__) < "2.13"
+
+
 def cpu_vector_width(patches: dict) -> dict:
-    """``cpp.simdlen`` = 256 where Inductor would vectorize CPU code with AVX512 and the options name no
-    width: torch 2.13's AVX512 code for a kernel of two 16-bit transposed copies (a backward storing
-    W^T and X^T) stored wrong values, NaN among them (tests/test_backend.py); at AVX2 width they are right."""
+    """The vector width of CPU code where the options name none: scalar before torch 2.13
+    (``SCALAR_CPU_CODE``); ``cpp.simdlen`` = 256 where Inductor would vectorize with AVX512: torch 2.13's
+    AVX512 code for a kernel of two 16-bit transposed copies (a backward storing W^T and X^T) stored
+    wrong values, NaN among them (tests/test_backend.py); at AVX2 width they are right."""
     from torch._inductor import config
     from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
 
-    if "cpp.simdlen" in patches or config.cpp.simdlen is not None or pick_vec_isa().bit_width() != 512:
+    if "cpp.simdlen" in patches or config.cpp.simdlen is not None:
+        return {}
+    if SCALAR_CPU_CODE:
+        return {"cpp.simdlen": 1}
+    if pick_vec_isa().bit_width() != 512:
         return {}
     return {"cpp.simdlen": 256} if any(isa.bit_width() == 256 for isa in valid_vec_isa_list()) else {}
 
@@ -131,7 +141,7 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
     settings unless torch.compile's ``mode`` or ``options`` say otherwise, as for backend="inductor",
     except ``emulate_precision_casts``, on by default: generated kernels round where eager code does,
     on CUDA the C++ wrapper, on unless CUDA graphs are asked for, and on CPU AVX2-wide vectors where
-    Inductor would pick AVX512: ``cpu_vector_width``), or
+    Inductor would pick AVX512, scalar code before torch 2.13: ``cpu_vector_width``), or
     "aot_eager" (AOTAutograd with eager kernels: the same numerics without Inductor, for debugging)."""
     config = config or FP4Config()
     if inner not in INNER_COMPILERS:
