@@ -13,9 +13,10 @@ from fp4compile.config import FP4Config
 from fp4compile.passes import fp4_pass
 
 
-# The suite's reference torch is 2.13 (CI's); the GPU machines run 2.11, where a few CPU tests see torch's
-# own differences (each marked with its reason).
-TORCH_2_13 = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
+# The suite's reference torch is 2.13 (CI's); it also runs with 2.11 (the GPU machines') and 2.12, where a
+# few CPU tests see torch's own differences (each marked with its reason).
+_TORCH = torch.torch_version.TorchVersion(torch.__version__)
+TORCH_2_12, TORCH_2_13 = _TORCH >= "2.12", _TORCH >= "2.13"
 # Whether Inductor's C++ (CPU) code rounds where eager rounds (emulate_precision_casts, which the backend
 # sets): its codegen honours it from torch 2.13; before, CPU results differ from eager in the last bits.
 CPU_CODEGEN_ROUNDS_AS_EAGER = TORCH_2_13

@@ -4,7 +4,7 @@ import expecttest
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TORCH_2_13, rewritten
+from conftest import TORCH_2_12, rewritten
 
 from fp4compile import FP4Config
 from fp4compile.passes.report import summary_table
@@ -172,7 +172,7 @@ node  op     module  shapes                 weight  status  gemm      reason
 x     addmm  c_fc    [16, 32] x [32, 128]   B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)
 x_1   addmm  c_proj  [16, 128] x [128, 32]  B       fp4     emulated  device 'cpu' has no FP8 tensor cores (CUDA sm_89+ needed)""")
 
-    @pytest.mark.xfail(not TORCH_2_13, strict=True, reason="Dynamo before torch 2.13 names its nodes differently")
+    @pytest.mark.xfail(not TORCH_2_12, strict=True, reason="Dynamo before torch 2.12 names its nodes differently")
     def test_multihead_attention(self):
         """nn.MultiheadAttention: one site, the op keeps its arguments; its twin quantizes the projections."""
         report, code = rewritten(nn.MultiheadAttention(32, 2, batch_first=True), *[torch.randn(2, 8, 32)] * 3)
