@@ -101,6 +101,12 @@ def readable_code(gm) -> str:
     return "\n".join(lines)
 
 
+def relative_error(got, want) -> float:
+    """||got - want|| / ||want|| of two tensors (or nested lists of numbers), in float64."""
+    got, want = (torch.as_tensor(t).double() for t in (got, want))
+    return float((got - want).norm() / want.norm())
+
+
 @functools.lru_cache(maxsize=None)
 def bits_equal(got: torch.Tensor, want: torch.Tensor, interpreted: bool) -> bool:
     """Whether two tensors hold the same bits, a NaN matching a NaN; under Triton's interpreter, which

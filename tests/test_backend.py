@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
-from conftest import CPU_CODEGEN_ROUNDS_AS_EAGER, TORCH_2_13, older_cpu_codegen, rewritten
+from conftest import CPU_CODEGEN_ROUNDS_AS_EAGER, TORCH_2_13, older_cpu_codegen, relative_error, rewritten
 
 import fp4compile
 from fp4compile import FP4Config
@@ -755,13 +755,16 @@ def test_recompute_options_keep_no_fp8_values(recipe):
     (base, base_kept), (lean, lean_kept), (leanest, leanest_kept) = (
         _llama_step(FP4Config.from_recipe_name(recipe, recompute_activations=a, recompute_weights=w))
         for a, w in ((0, 0), (1, 0), (1, 1)))
-    # Before torch 2.13 the CPU code does not round to BF16 where eager does (conftest): `dge` recomputes
-    # SwiGLU's product without rounding silu, `rotated` a weight's rotation, so other FP4 values multiply
-    # in the backward (usage.md, recompute_activations and recompute_weights).
-    if CPU_CODEGEN_ROUNDS_AS_EAGER or recipe == "rotated":
-        assert all(torch.equal(b, a) for a, b in zip(base, lean, strict=True))
-    if CPU_CODEGEN_ROUNDS_AS_EAGER:
-        assert all(torch.equal(c, a) for a, c in zip(base, leanest, strict=True))
+    # Bit for bit; before torch 2.13 the CPU code does not round to BF16 where eager does (conftest):
+    # `dge` recomputes SwiGLU's product without rounding silu, so the down projection's input quantizes to
+    # other FP4 values in the backward and its weight gradient (the 9th tensor) differs, by 1.9% with
+    # torch 2.11 (usage.md, recompute_activations).
+    for other in (lean, leanest):
+        differing = [i for i, (a, b) in enumerate(zip(base, other, strict=True)) if not torch.equal(b, a)]
+        if CPU_CODEGEN_ROUNDS_AS_EAGER or recipe == "rotated":
+            assert not differing
+        else:
+            assert set(differing) <= {8} and relative_error(other[8], base[8]) < 0.05
     assert not [s for d, s, _ in leanest_kept if d == "torch.float8_e4m3fn"]
     fp8 = lambda kept, activations: sorted(  # noqa: E731
         n for d, s, n in kept if d == "torch.float8_e4m3fn" and (48 in s) == activations)

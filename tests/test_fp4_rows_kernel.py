@@ -20,7 +20,7 @@ import re
 
 import pytest
 import torch
-from conftest import CPU_CODEGEN_ROUNDS_AS_EAGER, bits_equal, run_interpreted
+from conftest import CPU_CODEGEN_ROUNDS_AS_EAGER, bits_equal, relative_error, run_interpreted
 
 triton = pytest.importorskip("triton")
 
@@ -308,10 +308,12 @@ def test_compiled_swiglu_step_quantizes_the_product_where_it_is_computed():
     assert calls == [1, 0] and none == [0, 0]  # forward, backward
     assert saved == kept
     # Before torch 2.13 the CPU's C++ code does not round silu to BF16 before the product (conftest), so
-    # the unfused step quantizes other values.
-    if CPU_CODEGEN_ROUNDS_AS_EAGER:
-        for got, want in zip(fused, unfused):
+    # the unfused step quantizes other values: 3.6-7.2% apart with torch 2.11.
+    for got, want in zip(fused, unfused, strict=True):
+        if CPU_CODEGEN_ROUNDS_AS_EAGER:
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-2, atol=1e-3)
+        else:
+            assert relative_error(got, want) < 0.1
     (recomputed, saved, calls, _), (plain, *_) = results["recomputed"], results["fused_plain"]
     assert calls == [1, 1]
     assert not [shape for dtype, shape in saved if dtype == "torch.float8_e4m3fn"]
@@ -331,8 +333,11 @@ def test_recomputed_dge_step_quantizes_again_from_the_forward_scales():
     fp8 = lambda tensors: sorted(shape for dtype, shape in tensors if dtype == "torch.float8_e4m3fn")  # noqa: E731
     assert fp8(saved) == [[256, 64]] and len(fp8(kept)) > 1
     # Before torch 2.13 the CPU's C++ code recomputes SwiGLU's product for the backward without rounding
-    # silu to BF16 (conftest), where the forward's kernel rounds it: other values for down's gradient.
-    assert recomputed == plain or not CPU_CODEGEN_ROUNDS_AS_EAGER
+    # silu to BF16 (conftest), where the forward's kernel rounds it: other values for down's weight
+    # gradient (the last tensor), 2.9% apart with torch 2.11; the rest bit for bit.
+    assert recomputed[:-1] == plain[:-1]
+    assert recomputed[-1] == plain[-1] or (not CPU_CODEGEN_ROUNDS_AS_EAGER
+                                           and relative_error(recomputed[-1], plain[-1]) < 0.05)
 
 
 if __name__ == "__main__":
