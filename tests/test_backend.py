@@ -298,7 +298,7 @@ def test_weights_computed_from_parameters_are_weights():
     torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert fp4compile.coverage(model) == {
-        "fp4": ["a", "b", "table", f"{w}0", f"{w}1", "fused.weight"], "skipped": [], "unseen": []}
+        "fp4": ["a", "b", "table", f"{w}0", f"{w}1", "fused.weight"], "skipped": [], "not_a_weight": [], "unseen": []}
 
 
 @torch.library.custom_op("fp4test::scaled_linear", mutates_args=())
@@ -325,6 +325,30 @@ def test_custom_operators_taking_a_weight_are_reported_and_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per operator
         rewritten(fn, torch.randn(4, 16))
+
+
+def test_coverage_tells_weights_from_other_parameters():
+    """coverage: a weight a site quantizes is "fp4"; one that only a custom operator takes is "skipped" (the
+    report's opaque list says why); parameters the graph uses as no matmul's weight (ViT's class token and
+    positional embedding) are "not_a_weight", not "unseen" as a weight that ran eagerly would be."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, 16)), nn.Parameter(torch.randn(1, 5, 16))
+            self.proj, self.opaque, self.gain = nn.Linear(16, 16), nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+            return _scaled_linear(self.proj(x), self.opaque, self.gain)
+
+    model = Model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the custom operator's warning: once per process
+        report, _ = rewritten(model, torch.randn(2, 4, 16))
+    assert [s["status"] for s in report["sites"]] == ["fp4"] and report["opaque"][0]["weights"] == ["opaque"]
+    assert fp4compile.coverage(model) == {"fp4": ["proj.weight"], "skipped": ["opaque"], "not_a_weight": ["cls", "pos"],
+                                          "unseen": []}
 
 
 def test_a_matmul_under_vmap_is_skipped_with_its_reason():

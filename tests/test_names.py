@@ -280,15 +280,16 @@ def test_whisper_proj_out_tied_to_the_embedding_stays_high_precision():
 
 
 class Classifier(nn.Module):
-    def __init__(self, embed=False):
+    def __init__(self, embed=False, scale=lambda logits, x: logits):
         super().__init__()
         self.embed = nn.Embedding(10, 16) if embed else None
         self.body, self.out = nn.Linear(16, 16), nn.Linear(16, 10)
+        self.scale = scale
 
     def forward(self, x, y=None):
         if self.embed is not None:
             x = self.embed(x)
-        logits = self.out(torch.relu(self.body(x)))
+        logits = self.scale(self.out(torch.relu(self.body(x))), x)
         return logits if y is None else F.cross_entropy(logits.float().view(-1, 10), y.view(-1))
 
 
@@ -304,6 +305,23 @@ def test_a_linear_feeding_cross_entropy_is_an_output_head():
     assert [s["status"] for s in report["sites"]] == ["fp4", "skipped"]
     assert "weight shaped like the input embedding embed.weight [10, 16]" in report["sites"][1]["reason"]
     report, _ = rewritten(Classifier(), x)  # no embedding, no loss: a plain Linear
+    assert [s["status"] for s in report["sites"]] == ["fp4", "fp4"]
+
+
+@pytest.mark.parametrize("scale", [lambda logits, x: logits / 8.0,  # Granite
+                                   lambda logits, x: 0.5 * logits,  # Cohere
+                                   lambda logits, x: torch.tanh(logits / 30.0) * 30.0,  # Gemma 2's soft-capping
+                                   lambda logits, x: logits.mul(2).tanh().div(2)],
+                         ids=["divided", "multiplied", "soft_capped", "methods"])
+def test_scaled_and_soft_capped_logits_still_make_an_output_head(scale):
+    report, _ = rewritten(Classifier(scale=scale), torch.randn(4, 16), torch.randint(0, 10, (4,)))
+    assert [s["status"] for s in report["sites"]] == ["fp4", "skipped"]
+    assert report["sites"][1]["reason"].startswith("output head (its output feeds cross_entropy)")
+
+
+def test_logits_combined_with_another_tensor_are_not_followed():
+    report, _ = rewritten(Classifier(scale=lambda logits, x: logits * x[:, :10]), torch.randn(4, 16),
+                          torch.randint(0, 10, (4,)))
     assert [s["status"] for s in report["sites"]] == ["fp4", "fp4"]
 
 

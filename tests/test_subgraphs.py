@@ -445,10 +445,10 @@ def test_coverage_names_the_weights_no_graph_had():
 
     model = Model()
     weights = ["before.weight", "inner.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0"]
-    assert fp4compile.coverage(model) == {"fp4": [], "skipped": [], "unseen": weights}
+    assert fp4compile.coverage(model) == {"fp4": [], "skipped": [], "not_a_weight": [], "unseen": weights}
     compiled = torch.compile(model, backend=fp4compile.backend(FP4Config(), inner="aot_eager"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled(torch.randint(0, 16, (2, 8))).backward()
-    want = {"fp4": weights[:1], "skipped": [], "unseen": weights[1:]}
+    want = {"fp4": weights[:1], "skipped": [], "not_a_weight": [], "unseen": weights[1:]}
     assert fp4compile.coverage(model) == fp4compile.coverage(compiled) == want  # without "_orig_mod."

@@ -34,7 +34,7 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
         graphs.append((sub.gm, found))
     sites = [site for _, found in graphs for site in found]
     serves = specialize(sites, config)
-    coverage.record(sites, dict(params.values()))
+    coverage.record(sites, opaque, dict(params.values()))
     for sub_gm, found in graphs:
         rewrite(sub_gm, found, config)
     report = build_report(graph_name(), sites, config, serves, opaque)

@@ -3,10 +3,11 @@
 A site is an output head when its weight (operand B) is
 - tied to an input embedding: the same parameter as an ``nn.Embedding``'s weight in the model, or as the
   weight of an embedding lookup in the graph (GPT-2's lm_head, Whisper's proj_out);
-- or its output reaches, through views and casts, a loss over the vocabulary (cross_entropy, nll_loss,
-  log_softmax) in the graph;
+- or its output reaches, through views, casts, scaling by a constant and soft-capping (tanh), a loss over
+  the vocabulary (cross_entropy, nll_loss, log_softmax) in the graph (Granite divides its logits by a
+  constant, Cohere multiplies them, Gemma 2 soft-caps them);
 - or it has the shape of an input embedding's weight ([vocab, hidden]) and its output leaves the graph
-  through views and casts (an untied head whose loss is computed outside the graph).
+  the same way (an untied head whose loss is computed outside the graph).
 FP4 training recipes keep the head in high precision; ``FP4Config.quantize_output_heads`` quantizes it.
 """
 
@@ -31,19 +32,28 @@ _PASS_METHODS = {"t", "transpose", "permute", "view", "reshape", "contiguous", "
                   "bfloat16", "type"}
 _PASS_FUNCTIONS = {operator.getitem, torch.flatten, torch.t, torch.transpose, torch.permute, torch.reshape,
                    torch.Tensor.to, torch.Tensor.t}
+# Elementwise ops that keep the logits logits when every other operand is a constant: scaling, soft-capping.
+_SCALE_METHODS = {"mul", "div", "tanh"}
+_SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div, torch.tanh}
 
 
-def _passes_through(node: fx.Node) -> bool:
-    """Views, casts, slicing and flattening: the logits, reshaped for the loss."""
+def _passes_through(node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` passes ``value`` on as the logits: views, casts, slicing and flattening (``value`` first),
+    or scaling and soft-capping (``value`` the only tensor operand)."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.target in (_SCALE_METHODS if node.op == "call_method" else _SCALE_FUNCTIONS):
+        others = [a for a in (*node.args, *node.kwargs.values()) if a is not value]
+        return value in node.args and not any(isinstance(a, fx.Node) for a in others)
+    if not node.args or node.args[0] is not value:
+        return False
     if node.op == "call_method":
         return node.target in _PASS_METHODS
-    if node.op == "call_function":
-        return node.target in _PASS_FUNCTIONS or node.target is getattr and node.args[1] in ("T", "mT", "data")
-    return False
+    return node.target in _PASS_FUNCTIONS or node.target is getattr and node.args[1] in ("T", "mT", "data")
 
 
 def _reaches(node: fx.Node) -> tuple[str | None, bool]:
-    """The loss the node's value reaches through views and casts (None if none), and whether it leaves the graph."""
+    """The loss the node's value reaches as logits (_passes_through; None if none), and whether it leaves the graph."""
     loss, leaves, stack, seen = None, False, [node], set()
     while stack:
         n = stack.pop()
@@ -57,7 +67,7 @@ def _reaches(node: fx.Node) -> tuple[str | None, bool]:
                 loss = loss or "log_softmax"
             elif user.op == "call_function" and user.target in _LOSSES:
                 loss = loss or _LOSSES[user.target]
-            elif _passes_through(user) and user.args and user.args[0] is n:
+            elif _passes_through(user, n):
                 stack.append(user)
     return loss, leaves
 

@@ -1,8 +1,8 @@
 """Custom operators that take a weight: a ``torch.library`` op of another library (a fused layer of the
 kernels package, a hand-written extension) is one node in Dynamo's graph, and what it computes inside is
 out of the pass's sight, so a matmul in it runs in the op's own precision. Each such call is listed in
-the report (``opaque``) and warned about once per operator; ``fp4compile.coverage`` names its weights
-"unseen"."""
+the report (``opaque``) and warned about once per operator; ``fp4compile.coverage`` counts its weights
+as "skipped"."""
 
 import logging
 import warnings
