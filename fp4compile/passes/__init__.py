@@ -6,7 +6,7 @@ import torch.fx as fx
 
 from fp4compile.config import FP4Config
 from fp4compile.passes import coverage
-from fp4compile.passes.classify import classify, parameter_nodes, weights
+from fp4compile.passes.classify import classify, parameter_nodes, weight_inputs, weights
 from fp4compile.passes.find_sites import find_sites
 from fp4compile.passes.heads import keep_heads
 from fp4compile.passes.names import specialize
@@ -21,7 +21,7 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
     content)."""
     before = gm.print_readable(print_output=False)
     expected = matmul_nodes(gm)
-    graphs, opaque = [], []
+    graphs, opaque, taken = [], [], []
     params = parameter_nodes(gm, example_inputs)
     for sub in subgraphs(gm, {node: name for node, (name, _) in params.items()}):
         found = find_sites(sub.gm.graph, sub.path)
@@ -31,10 +31,12 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
         classify(found, held, config)
         keep_heads(found, sub.params, config)
         opaque += opaque_calls(sub.gm.graph, held, sub.path)
+        taken += [(site, weight_inputs(site.node, held)) for site in found]
         graphs.append((sub.gm, found))
     sites = [site for _, found in graphs for site in found]
     serves = specialize(sites, config)
-    coverage.record(sites, opaque, dict(params.values()))
+    coverage.record([(name, site.status) for site, names in taken for name in names]
+                    + [(name, "skipped") for call in opaque for name in call["weights"]], dict(params.values()))
     for sub_gm, found in graphs:
         rewrite(sub_gm, found, config)
     report = build_report(graph_name(), sites, config, serves, opaque)

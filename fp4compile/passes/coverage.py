@@ -21,14 +21,11 @@ _STATUS = WeakIdKeyDictionary()
 _NOT_MATMUL = (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)
 
 
-def record(sites, opaque: list[dict], params: dict[str, torch.Tensor]) -> None:
-    """Note what one graph did with the parameters it holds (``params``, by name): each site's weight
-    operands get the site's status, the weights of custom operators (opaque.py) "skipped", the others
-    "not_a_weight"."""
-    uses = [(name, "not_a_weight") for name in params]
-    uses += [(name, site.status) for site in sites for name in filter(None, site.weights)]
-    uses += [(name, "skipped") for call in opaque for name in call["weights"]]
-    for joined, status in uses:
+def record(uses: list[tuple[str, str]], params: dict[str, torch.Tensor]) -> None:
+    """Note what one graph did with the parameters it holds (``params``, by name): each weight in ``uses``
+    (name, status) gets that status (a site's, for the weight matrices it takes; "skipped" for a custom
+    operator's), any other parameter "not_a_weight"."""
+    for joined, status in [(name, "not_a_weight") for name in params] + uses:
         for param in map(params.get, joined.split("+")):  # a weight computed from several
             if param is not None and _RANK[status] > _RANK.get(_STATUS.get(param), -1):
                 _STATUS[param] = status

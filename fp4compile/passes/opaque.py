@@ -10,7 +10,8 @@ import warnings
 import torch
 import torch.fx as fx
 
-from fp4compile.passes.find_sites import OPERATOR_OPS, example
+from fp4compile.passes.classify import weight_inputs
+from fp4compile.passes.find_sites import OPERATOR_OPS
 
 log = logging.getLogger("fp4compile")
 # aten and prims ops are torch's own (their matmuls are sites, find_sites.OPERATOR_OPS); fp4compile's are ours.
@@ -29,12 +30,12 @@ def _custom_op(node: fx.Node) -> str | None:
 
 
 def opaque_calls(graph: fx.Graph, held: dict[fx.Node, str], subgraph: str | None) -> list[dict]:
-    """The calls of custom operators in ``graph`` that take a weight matrix (a weight, classify.weights, of
-    2 or more dims): subgraph path, node, operator and the weights' names."""
+    """The calls of custom operators in ``graph`` that take a weight matrix (classify.weight_inputs):
+    subgraph path, node, operator and the weights' names."""
     found = []
     for node in graph.nodes:
         op = _custom_op(node)
-        names = [held[a] for a in node.all_input_nodes if a in held and getattr(example(a), "ndim", 0) >= 2] if op else []
+        names = weight_inputs(node, held) if op else []
         if names:
             found.append({"subgraph": subgraph, "node": node.name, "op": op, "weights": names})
     return found
