@@ -44,7 +44,7 @@ def _passes_through(node: fx.Node, value: fx.Node) -> bool:
         return False
     if node.target in (_SCALE_METHODS if node.op == "call_method" else _SCALE_FUNCTIONS):
         others = [a for a in (*node.args, *node.kwargs.values()) if a is not value]
-        return value in node.args and not any(isinstance(a, fx.Node) for a in others)
+        return any(a is value for a in node.args) and not any(isinstance(a, fx.Node) for a in others)
     if not node.args or node.args[0] is not value:
         return False
     if node.op == "call_method":
