@@ -330,8 +330,9 @@ def test_custom_operators_taking_a_weight_are_reported_and_warned_about():
 def test_coverage_tells_weights_from_other_parameters():
     """coverage: a weight a site quantizes is "fp4" (nn.MultiheadAttention's input projection too, a
     keyword of its op); one that only a custom operator takes is "skipped" (the report's opaque list says
-    why); parameters the graph uses as no matmul's weight (ViT's class token and positional embedding) are
-    "not_a_weight", not "unseen" as a weight that ran eagerly would be."""
+    why); parameters the graph uses as no matmul's weight (ViT's class token and positional embedding, a
+    matrix that an FP4 addmm only adds) are "not_a_weight", not "unseen" as a weight that ran eagerly
+    would be."""
 
     class Model(nn.Module):
         def __init__(self):
@@ -339,20 +340,22 @@ def test_coverage_tells_weights_from_other_parameters():
             self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, 16)), nn.Parameter(torch.randn(1, 5, 16))
             self.proj, self.opaque, self.gain = nn.Linear(16, 16), nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.ones(8))
             self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.shift, self.mix = nn.Parameter(torch.zeros(1, 16)), nn.Parameter(torch.randn(16, 16))
 
         def forward(self, x):
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
             x = self.attn(x, x, x, need_weights=False)[0]
+            x = torch.addmm(self.shift, x.flatten(0, 1), self.mix).view_as(x)
             return _scaled_linear(self.proj(x), self.opaque, self.gain)
 
     model = Model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the custom operator's warning: once per process
         report, _ = rewritten(model, torch.randn(2, 4, 16))
-    assert [s["status"] for s in report["sites"]] == ["fp4", "fp4"] and report["opaque"][0]["weights"] == ["opaque"]
+    assert [s["status"] for s in report["sites"]] == ["fp4"] * 3 and report["opaque"][0]["weights"] == ["opaque"]
     assert fp4compile.coverage(model) == {
-        "fp4": ["proj.weight", "attn.in_proj_weight", "attn.out_proj.weight"], "skipped": ["opaque"],
-        "not_a_weight": ["cls", "pos"], "unseen": []}
+        "fp4": ["mix", "proj.weight", "attn.in_proj_weight", "attn.out_proj.weight"], "skipped": ["opaque"],
+        "not_a_weight": ["cls", "pos", "shift"], "unseen": []}
 
 
 def test_a_matmul_under_vmap_is_skipped_with_its_reason():

@@ -7,7 +7,7 @@ import torch.fx as fx
 from fp4compile.config import FP4Config
 from fp4compile.passes import coverage
 from fp4compile.passes.classify import classify, parameter_nodes, weight_inputs, weights
-from fp4compile.passes.find_sites import find_sites
+from fp4compile.passes.find_sites import find_sites, multiplied
 from fp4compile.passes.heads import keep_heads
 from fp4compile.passes.names import specialize
 from fp4compile.passes.opaque import opaque_calls, warn
@@ -31,7 +31,7 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
         classify(found, held, config)
         keep_heads(found, sub.params, config)
         opaque += opaque_calls(sub.gm.graph, held, sub.path)
-        taken += [(site, weight_inputs(site.node, held)) for site in found]
+        taken += [(site, weight_inputs(multiplied(site), held)) for site in found]
         graphs.append((sub.gm, found))
     sites = [site for _, found in graphs for site in found]
     serves = specialize(sites, config)

@@ -93,9 +93,9 @@ def weights(graph: fx.Graph, params: dict[fx.Node, str]) -> dict[fx.Node, str]:
     return {node: "+".join(s) for node, s in sources.items() if s}
 
 
-def weight_inputs(node: fx.Node, held: dict[fx.Node, str]) -> list[str]:
-    """The names of the weight matrices (``held``'s values of 2 or more dims) that ``node`` takes."""
-    return [held[a] for a in node.all_input_nodes if a in held and getattr(example(a), "ndim", 0) >= 2]
+def weight_inputs(inputs: list[fx.Node], held: dict[fx.Node, str]) -> list[str]:
+    """The names of the weight matrices (``held``'s values of 2 or more dims) among ``inputs``."""
+    return [held[a] for a in inputs if a in held and getattr(example(a), "ndim", 0) >= 2]
 
 
 def _is_buffer(node: fx.Node) -> bool:

@@ -212,6 +212,24 @@ def _under_transform(t: torch.Tensor | None) -> bool:
     return t is not None and (functorch.is_batchedtensor(t) or functorch.is_gradtrackingtensor(t))
 
 
+# nn.MultiheadAttention's projection weights besides its B operand (the output projection's): the packed
+# input projection (position 5) and the separate q/k/v weights (keywords), all multiplied as FP4 linears.
+_MHA_WEIGHTS = (5, "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def multiplied(site: Site) -> list[fx.Node]:
+    """The graph tensors ``site`` multiplies: its two operands, and nn.MultiheadAttention's input
+    projection weights; not what its op only adds (addmm's and baddbmm's ``input``, a bias). All inputs
+    of a site whose operands were not found."""
+    node = site.node
+    if site.operands is None:
+        return node.all_input_nodes
+    extra = []
+    if site.op == "multi_head_attention":
+        extra = [node.args[k] if isinstance(k, int) and len(node.args) > k else node.kwargs.get(k) for k in _MHA_WEIGHTS]
+    return [n for n in (*site.operands, *extra) if isinstance(n, fx.Node)]
+
+
 def _reduction(site: Site):
     a, b = (example(n) for n in site.operands)
     if a is None or b is None:

@@ -35,7 +35,7 @@ def opaque_calls(graph: fx.Graph, held: dict[fx.Node, str], subgraph: str | None
     found = []
     for node in graph.nodes:
         op = _custom_op(node)
-        names = weight_inputs(node, held) if op else []
+        names = weight_inputs(node.all_input_nodes, held) if op else []
         if names:
             found.append({"subgraph": subgraph, "node": node.name, "op": op, "weights": names})
     return found
