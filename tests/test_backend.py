@@ -417,6 +417,34 @@ def test_multihead_attention_projections_are_quantized(kdim, rotation, monkeypat
     assert not torch.equal(y, mha(x, kv, kv)[0])  # quantized
 
 
+def test_multihead_attention_with_a_learned_query_takes_its_inputs_as_activations():
+    """A pooling head (SigLIP's) asks nn.MultiheadAttention with a learned probe as its query. The site
+    treats A as an activation all the same: its spec serves the key, value and output projections too,
+    whose A are activations, so the gradients of x are those of the same probe passed as an input."""
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.probe, self.attn = nn.Parameter(torch.randn(1, 1, 32)), nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x, probe=None):
+            q = (self.probe if probe is None else probe).expand(x.shape[0], -1, -1)
+            return self.attn(q, x, x, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    pool, x = Pool(), torch.randn(2, 8, 32)
+    report, _ = rewritten(pool, x)
+    assert [s["weights"] for s in report["sites"]] == [[None, "attn.out_proj.weight"]]
+
+    def x_grad(*probe):
+        torch._dynamo.reset()
+        xg = x.clone().requires_grad_()
+        torch.compile(pool, backend=fp4compile.backend(inner="aot_eager"))(xg, *probe).square().sum().backward()
+        return xg.grad
+
+    assert torch.equal(x_grad(), x_grad(pool.probe.detach().clone()))
+
+
 def test_multihead_attention_with_no_common_rotation_group_stays_in_high_precision():
     mha = nn.MultiheadAttention(32, 2, batch_first=True, kdim=12, vdim=12)
     x, kv = torch.randn(2, 16, 32), torch.randn(2, 16, 12)

@@ -207,6 +207,11 @@ def classify(sites: list[Site], held: dict[fx.Node, str], config: FP4Config) -> 
         if site.status != "fp4":
             continue
         site.weights = tuple(held.get(n) for n in site.operands)
+        if site.op == "multi_head_attention":
+            # One spec serves every projection, whose A is query, key, value or the attention's output:
+            # activations, a query computed from parameters (a learned probe) too; DGE on A would scale
+            # the gradients of key and value.
+            site.weights = (None, site.weights[1])
         reason = _skip_reason(site, config)
         if reason is None and config.rotation:
             site.rotation = rotation_of(site, config)
