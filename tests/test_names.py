@@ -259,6 +259,24 @@ def test_per_block_selections_near_the_recompile_limit_warn_with_the_fix():
     assert _statuses(reports) == {f"layers.{i}.fcs.{j}": "skipped" if i == j else "fp4" for i in range(4) for j in range(4)}
 
 
+class OwnGetattr(Stack):
+    def __getattr__(self, name):  # as diffusers' ModelMixin and PEFT's models define it
+        return super().__getattr__(name)
+
+
+def test_a_model_class_with_its_own_getattr_is_named_in_full():
+    """Such a class makes Dynamo reach submodules through __dict__['_modules'] (its paths read
+    L['self'].__dict__['_modules']['layers'].0.fcs.1): the names and exclude patterns are the model's own."""
+    torch._dynamo.reset()
+    backend = Capture(exclude=("layers.0.fcs.1",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not be named"
+        torch.compile(OwnGetattr(Wide, n=2), backend=backend)(torch.randn(2, 16))
+    sites = [(s["module"], s["module_resolved"], s["status"]) for r in backend.reports for s in r["sites"]]
+    assert sites == [(f"layers.{i}.fcs.{j}", True, "skipped" if (i, j) == (0, 1) else "fp4")
+                     for i in range(2) for j in range(4)]
+
+
 def test_whisper_proj_out_tied_to_the_embedding_stays_high_precision():
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -128,12 +128,12 @@ class Site:
 
 # The root is the module itself: L['self'], or L['args'][0] when a decorator wraps forward (transformers >= 5.2x).
 _ROOT = re.compile(r"^[LG]\['[^']*'\](\[\d+\])*\.?")
-_MODULES = re.compile(r"\._modules\['([^']*)'\]|\._parameters\['([^']*)'\]|\._buffers\['([^']*)'\]")
+_MODULES = re.compile(names.CONTAINER)
 
 
 def clean_fqn(path: str) -> str:
     """Dynamo's source path ("L['self']._modules['fc']", "L['self'].fc", "L['args'][0].fc") -> the FQN ("fc")."""
-    path = _MODULES.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    path = _MODULES.sub(lambda m: "." + m.group(1), path)
     return _ROOT.sub("", path).lstrip(".")
 
 

@@ -123,8 +123,12 @@ def _frame_scope() -> dict | None:
     return {"L": root.f_locals, "G": root.f_globals}
 
 
-# One step of a Dynamo path after its base: ._modules['mlp'] (or _parameters, _buffers), .mlp, [0].
-_STEP = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.(\w+)|\[(\d+)\]")
+# A step of a Dynamo path into a module's own dicts: ._modules['mlp'] (or _parameters, _buffers), or through
+# __dict__ (.__dict__['_modules']['mlp']) where the module's class defines its own __getattr__ (diffusers'
+# ModelMixin, PEFT's models).
+CONTAINER = r"\.(?:__dict__\['_(?:modules|parameters|buffers)'\]|_(?:modules|parameters|buffers))\['([^']*)'\]"
+# One step of a Dynamo path after its base: a container step, .mlp, [0].
+_STEP = re.compile(CONTAINER + r"|\.(\w+)|\[(\d+)\]")
 
 
 def frame_value(path: str):
