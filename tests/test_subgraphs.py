@@ -350,6 +350,7 @@ def test_cond_branches_are_reported_as_skipped(tmp_path, monkeypatch):
     ]
     assert all("inside torch.cond" in s["reason"] for s in sites)
     torch.testing.assert_close(y, model(x), rtol=1e-6, atol=1e-6)
+    assert fp4compile.coverage(model) == {"fp4": [], "skipped": ["w", "up.weight"], "not_a_weight": [], "unseen": []}
 
 
 def test_checkpoint_wrapper():
@@ -361,10 +362,14 @@ def test_checkpoint_wrapper():
 
 
 def test_custom_autograd_function_bodies_are_reported_as_skipped():
-    report, _ = rewritten(CustomFunction(), torch.randn(4, 32, requires_grad=True))
+    """... and coverage counts the weight the function takes as "skipped" (a matmul weight in high
+    precision), not "not_a_weight"."""
+    model = CustomFunction()
+    report, _ = rewritten(model, torch.randn(4, 32, requires_grad=True))
     sites = report["sites"]
     assert {s["subgraph"] for s in sites} == {"fwd_body_0", "bwd_body_0"} and len(sites) == 3
     assert all(s["status"] == "skipped" and "custom autograd.Function" in s["reason"] for s in sites)
+    assert fp4compile.coverage(model) == {"fp4": [], "skipped": ["w"], "not_a_weight": [], "unseen": []}
 
 
 def test_guard_catches_a_matmul_missing_from_the_report(monkeypatch):

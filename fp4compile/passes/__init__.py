@@ -31,7 +31,7 @@ def fp4_pass(gm: fx.GraphModule, example_inputs, config: FP4Config) -> dict:
         classify(found, held, config)
         keep_heads(found, sub.params, config)
         opaque += opaque_calls(sub.gm.graph, held, sub.path)
-        taken += [(site, weight_inputs(multiplied(site), held)) for site in found]
+        taken += [(site, weight_inputs(multiplied(site), held) or sub.passed) for site in found]
         graphs.append((sub.gm, found))
     sites = [site for _, found in graphs for site in found]
     serves = specialize(sites, config)

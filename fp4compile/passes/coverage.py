@@ -34,8 +34,9 @@ def record(uses: list[tuple[str, str]], params: dict[str, torch.Tensor]) -> None
 def coverage(model: nn.Module) -> dict[str, list[str]]:
     """The names of ``model``'s trainable weight matrices (parameters of 2 or more dims, held by a module
     that is not an embedding or a convolution) by what the fp4 backend did with them in this process:
-    "fp4" (some site quantized it), "skipped" (kept in high precision by sites, or taken by a custom
-    operator the pass cannot see into: each report says why), "not_a_weight" (compiled graphs used it,
+    "fp4" (some site quantized it), "skipped" (kept in high precision by sites, taken by a custom
+    operator the pass cannot see into, or passed into a subgraph whose matmuls are not rewritten, such as a
+    custom autograd.Function's: each report says why), "not_a_weight" (compiled graphs used it,
     as no matmul's weight: a positional embedding, a class token; or mixed with activations before a
     matmul, which the report lists as a skipped activation x activation site) and "unseen" (no compiled
     graph used it: it ran eagerly, or has not run yet), each named as the reports name it (its FQN in the

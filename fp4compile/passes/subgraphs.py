@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from fp4compile.passes.classify import weights
+from fp4compile.passes.classify import weight_inputs, weights
 from fp4compile.passes.find_sites import op_of
 
 # HOPs whose subgraphs are rewritten: each subgraph takes the op's arguments after it (flattened) as its
@@ -36,6 +36,9 @@ class Subgraph:
     params: dict[fx.Node, str]  # nodes holding a parameter, with its FQN
     skip: str | None = None  # why its matmuls keep their op, or None
     calls: list = field(default_factory=list)  # (HOP node, bound outer arguments or None) of each call
+    # Where the HOP makes the placeholders itself (a skipped subgraph): the weight matrices its calls take,
+    # which the subgraph's matmuls may multiply (fp4compile.coverage counts them "skipped").
+    passed: list[str] = field(default_factory=list)
 
 
 def _is_hop(node: fx.Node) -> bool:
@@ -75,11 +78,13 @@ def _children(parent: Subgraph) -> list[Subgraph]:
 
 def _bind(sub: Subgraph, parent: Subgraph) -> None:
     """Set ``sub``'s parameters (named after its first call's) and why its matmuls keep their op, if they do."""
+    held = weights(parent.gm.graph, parent.params)
     if any(args is None for _, args in sub.calls):
         hop = sub.calls[0][0].target.name()
         sub.skip = parent.skip or WHY_NOT.get(hop, f"inside torch.ops.higher_order.{hop}, which fp4compile does not rewrite")
+        taken = [name for node, _ in sub.calls for name in weight_inputs(node.all_input_nodes, held)]
+        sub.passed = list(dict.fromkeys(parent.passed + taken))
         return
-    held = weights(parent.gm.graph, parent.params)
     names = [[held.get(a) if isinstance(a, fx.Node) else None for a in args] for _, args in sub.calls]
     placeholders = [p for p in sub.gm.graph.nodes if p.op == "placeholder"]
     sub.params = {p: name for p, name in zip(placeholders, names[0]) if name is not None}
