@@ -152,7 +152,15 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
             raise ValueError(f"mode and options configure Inductor, which inner={inner!r} does not use")
         patches = inductor_patches(mode, options, cuda=on_cuda(example_inputs)) if inner == "inductor" else None
         warn_checkpoint_breaks()
-        fp4_pass(gm, example_inputs, config)
+        report = fp4_pass(gm, example_inputs, config)
+        try:
+            return _compile(gm, example_inputs, patches)
+        except _EAGER_FALLBACK as e:
+            if not report["summary"].get("fp4"):
+                raise  # nothing quantized: Dynamo runs the code eagerly, as it would for backend="inductor"
+            raise eager_fallback_error(report, e) from e
+
+    def _compile(gm, example_inputs, patches):
         if inner == "inductor":
             prepare_inductor()
             # Fused kernels round where eager rounds (to BF16: DGE's factor, a rotated weight recomputed for
@@ -168,6 +176,26 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
 
     fp4_backend.config = config
     return fp4_backend
+
+
+# What a backend may raise for Dynamo to run the graph's code eagerly instead of failing (a graph break):
+# fake-tensor errors, such as a data-dependent scalar a tensor subclass's op needs.
+_EAGER_FALLBACK = getattr(torch._dynamo.exc, "exceptions_allowed_to_be_fallback", ())
+
+
+def eager_fallback_error(report: dict, error: Exception) -> RuntimeError:
+    """The error raised in place of ``error``, which would make Dynamo run a graph with FP4 sites eagerly,
+    in high precision, with only a log line."""
+    modules = sorted({str(s["module"]) for s in report["sites"] if s["status"] == "fp4"})
+    shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+    return RuntimeError(
+        f"fp4compile: compiling {report['graph']} failed after its matmuls were rewritten "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Dynamo would run this "
+        f"code eagerly instead, so its {report['summary']['fp4']} FP4 sites (modules {shown}) would train in "
+        "high precision with no error; fp4compile raises instead. With tensor-parallel (DTensor) weights "
+        "see docs/distributed.md for the recipes that support them; to run these modules in high precision "
+        "on purpose, exclude them (FP4Config.exclude)."
+    )
 
 
 # The entry point behind torch.compile(..., backend="fp4").

@@ -103,6 +103,26 @@ def test_inductor_computes_the_bits_eager_does(recipe):
 
 
 @pytest.mark.vectorized
+def test_a_graph_with_fp4_sites_that_dynamo_would_run_eagerly_raises(monkeypatch):
+    """When the compiler behind the pass raises a fake-tensor error (AOTAutograd does for a data-dependent
+    scalar that a DTensor op needs: OCC's quantile on row-parallel activations), Dynamo runs the graph's
+    code eagerly with only a log line: FP4 sites would train in high precision, so the backend raises,
+    naming them. A graph with none falls back as under backend="inductor"."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    def failing(gm, example_inputs):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(dynamo_backend, "lookup_backend", lambda name: failing)
+    model, x = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)), torch.randn(4, 32)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"its 2 FP4 sites \(modules 0, 2\) would train in high precision"):
+        torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))(x)
+    torch._dynamo.reset()
+    excluded = fp4compile.backend(FP4Config(exclude=("0", "2")), inner="aot_eager")
+    assert torch.equal(torch.compile(model, backend=excluded)(x), model(x))
+
+
 def test_mode_and_options_reach_inductor(monkeypatch):
     """torch.compile's mode and options configure Inductor under the fp4 backend as under backend="inductor",
     through the backend string and through fp4compile.compile, on top of the backend's one default
