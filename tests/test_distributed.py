@@ -203,3 +203,64 @@ def _reduce_scatter_worker(rank, port):
 
 def test_fp8_reduce_scatter_within_stated_error():
     mp.spawn(_reduce_scatter_worker, args=(_free_port(),), nprocs=WORLD)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 128, bias=False)
+        self.down = torch.nn.Linear(128, 64, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _tp_step(model, recipe, x):
+    torch._dynamo.reset()
+    backend = fp4compile.backend(FP4Config.from_recipe_name(recipe), inner="aot_eager")
+    y = torch.compile(model, backend=backend)(x)
+    y.square().sum().backward()
+    return y.detach()
+
+
+def _tp_worker(rank, port, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    x, base = torch.randn(16, 64), _MLP()
+    single = _MLP()
+    single.load_state_dict(base.state_dict())
+    want = _tp_step(single, "dge", x)
+    errors = {}
+    for recipe in ("dge", "rotated", "paper"):
+        model = _MLP()
+        model.load_state_dict(base.state_dict())
+        parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        try:
+            y = _tp_step(model, recipe, x)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            errors[recipe] = str(e)
+            continue
+        # Each rank's shard of a weight, quantized with the full rows' scales (DTensor reductions across
+        # ranks): one process's FP4 values and gradients, up to FP32 summation order.
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+        for name in ("up", "down"):
+            grad = getattr(model, name).weight.grad.full_tensor()
+            torch.testing.assert_close(grad, getattr(single, name).weight.grad, rtol=1e-5, atol=1e-6)
+    Path(f"{out}/errors{rank}.json").write_text(json.dumps(errors))
+    _finish()
+
+
+def test_tensor_parallel_dge_matches_one_process_and_other_recipes_fail_naming_the_fix(tmp_path):
+    """Column- then row-parallel linears (DTensor weights): `dge` gives one process's outputs and weight
+    gradients; the rotated recipe fails at compile time naming the fix, and OCC's quantile on the
+    row-parallel activation fails rather than run the graph eagerly in high precision."""
+    mp.spawn(_tp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        errors = json.loads((tmp_path / f"errors{rank}.json").read_text())
+        assert set(errors) == {"rotated", "paper"}, errors
+        assert "does not support tensor-parallel (DTensor) operands" in errors["rotated"]
+        assert "would train in high precision" in errors["paper"]

@@ -201,6 +201,22 @@ def check_unbiased_dims(sites: list[Site], config: FP4Config) -> None:
         raise ValueError("fp4compile cannot apply this recipe to every selected matmul:\n" + "\n".join(problems))
 
 
+def check_tensor_parallel(sites: list[Site], config: FP4Config) -> None:
+    """The rotation multiplies operands by a plain [G, G] matrix, which DTensor refuses to mix with its
+    tensors: raise one error naming the modules with tensor-parallel (DTensor) operands, at compile time."""
+    if not config.rotation or not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    modules = [str(site.module) for site in sites if site.status == "fp4"
+               and any(isinstance(example(n), DTensor) for n in site.operands)]
+    if modules:
+        raise ValueError(
+            f"fp4compile: the rotated recipe (FP4Config.rotation) does not support tensor-parallel (DTensor) "
+            f"operands, which these modules have: {', '.join(modules)}. Use the dge recipe "
+            "(FP4Config.from_recipe_name(\"dge\"), or rotation=None), or exclude them (docs/distributed.md).")
+
+
 def classify(sites: list[Site], held: dict[fx.Node, str], config: FP4Config) -> None:
     """Set each site's weights (``held``: the graph's weights) and skip those not quantized, with the reason."""
     for site in sites:
@@ -221,3 +237,4 @@ def classify(sites: list[Site], held: dict[fx.Node, str], config: FP4Config) -> 
         if reason:
             site.skip(reason)
     check_unbiased_dims(sites, config)
+    check_tensor_parallel(sites, config)
