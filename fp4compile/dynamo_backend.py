@@ -148,6 +148,17 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
         raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
 
     def fp4_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
+        try:
+            return _rewrite_and_compile(gm, example_inputs, mode, options)
+        except Exception as e:
+            if torch._dynamo.config.suppress_errors:  # Dynamo will log the error and run the code eagerly
+                warnings.warn(
+                    f"fp4compile: compiling a graph failed ({_summary(e)}) "
+                    "and torch._dynamo.config.suppress_errors is set, so Dynamo runs its code eagerly: its "
+                    "matmuls train in high precision. Unset suppress_errors to see the error.", stacklevel=2)
+            raise
+
+    def _rewrite_and_compile(gm, example_inputs, mode, options):
         if inner != "inductor" and (mode or options):
             raise ValueError(f"mode and options configure Inductor, which inner={inner!r} does not use")
         patches = inductor_patches(mode, options, cuda=on_cuda(example_inputs)) if inner == "inductor" else None
@@ -183,6 +194,10 @@ def backend(config: FP4Config | None = None, *, inner: str = "inductor"):
 _EAGER_FALLBACK = getattr(torch._dynamo.exc, "exceptions_allowed_to_be_fallback", ())
 
 
+def _summary(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 def eager_fallback_error(report: dict, error: Exception) -> RuntimeError:
     """The error raised in place of ``error``, which would make Dynamo run a graph with FP4 sites eagerly,
     in high precision, with only a log line."""
@@ -190,7 +205,7 @@ def eager_fallback_error(report: dict, error: Exception) -> RuntimeError:
     shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
     return RuntimeError(
         f"fp4compile: compiling {report['graph']} failed after its matmuls were rewritten "
-        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Dynamo would run this "
+        f"({_summary(error)}). Dynamo would run this "
         f"code eagerly instead, so its {report['summary']['fp4']} FP4 sites (modules {shown}) would train in "
         "high precision with no error; fp4compile raises instead. With tensor-parallel (DTensor) weights "
         "see docs/distributed.md for the recipes that support them; to run these modules in high precision "

@@ -102,12 +102,12 @@ def test_inductor_computes_the_bits_eager_does(recipe):
         assert torch.equal(got, want)
 
 
-@pytest.mark.vectorized
 def test_a_graph_with_fp4_sites_that_dynamo_would_run_eagerly_raises(monkeypatch):
     """When the compiler behind the pass raises a fake-tensor error (AOTAutograd does for a data-dependent
     scalar that a DTensor op needs: OCC's quantile on row-parallel activations), Dynamo runs the graph's
     code eagerly with only a log line: FP4 sites would train in high precision, so the backend raises,
-    naming them. A graph with none falls back as under backend="inductor"."""
+    naming them. A graph with none falls back as under backend="inductor"; under suppress_errors a warning
+    says the code runs eagerly."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     def failing(gm, example_inputs):
@@ -121,8 +121,14 @@ def test_a_graph_with_fp4_sites_that_dynamo_would_run_eagerly_raises(monkeypatch
     torch._dynamo.reset()
     excluded = fp4compile.backend(FP4Config(exclude=("0", "2")), inner="aot_eager")
     assert torch.equal(torch.compile(model, backend=excluded)(x), model(x))
+    # torch._dynamo.config.suppress_errors runs the code eagerly on any backend error: a warning says so.
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(suppress_errors=True), pytest.warns(UserWarning, match="suppress_errors is set"):
+        y = torch.compile(model, backend=fp4compile.backend(inner="aot_eager"))(x)
+    assert torch.equal(y, model(x))
 
 
+@pytest.mark.vectorized
 def test_mode_and_options_reach_inductor(monkeypatch):
     """torch.compile's mode and options configure Inductor under the fp4 backend as under backend="inductor",
     through the backend string and through fp4compile.compile, on top of the backend's one default
